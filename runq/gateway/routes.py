@@ -1,0 +1,287 @@
+"""HTTP API v1: functions, tasks, health. Per-function routes carry the function's schemas."""
+
+# No `from __future__ import annotations`: FastAPI must see the per-function body models that
+# the route closures annotate with, not their names.
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, create_model
+from redis.exceptions import RedisError
+
+from runq.errors import (
+    Conflict,
+    ModelError,
+    NotFound,
+    RunqError,
+    Timeout,
+    Unavailable,
+    ValidationFailed,
+)
+from runq.queue.store import TaskStore, new_task_id
+from runq.queue.tasks import TERMINAL, TaskStatus, deadline_after, error_json
+from runq.queue.waiter import TaskWaiter
+from runq.functions import Function
+from runq.settings import FunctionSettings, Settings
+
+RETRY_AFTER_PENDING_S = 1
+
+
+@dataclass(frozen=True)
+class Served:
+    function: Function
+    settings: FunctionSettings
+
+
+class TaskModel(BaseModel):
+    """A task as every endpoint answers it; ``output`` or ``error`` once it has ended."""
+
+    id: str
+    function: str
+    status: TaskStatus
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    attempts: int
+    output: Any = None
+    error: dict[str, Any] | None = None
+
+
+def install(app: FastAPI, served: dict[str, Served], settings: Settings) -> None:
+    for name, entry in served.items():
+        _function_routes(app, name, entry, settings)
+    _generic_routes(app, served, settings)
+
+
+def _store(request: Request) -> TaskStore:
+    store: TaskStore = request.app.state.store
+    return store
+
+
+def _waiter(request: Request) -> TaskWaiter:
+    waiter: TaskWaiter = request.app.state.waiter
+    return waiter
+
+
+def _checked_timeout(value: float | None, default: float | None, settings: Settings, name: str) -> float:
+    timeout = default if value is None else value
+    if timeout is None:
+        return 0.0
+    if timeout > settings.max_timeout_s:
+        raise ValidationFailed(
+            f"{name}={timeout} is above max_timeout_s ({settings.max_timeout_s}); "
+            f"ask for at most {settings.max_timeout_s} s"
+        )
+    return timeout
+
+
+def _task_response(task: dict[str, Any], status_code: int = 200, **headers: str) -> JSONResponse:
+    return JSONResponse(task, status_code=status_code, headers=headers or None)
+
+
+def _function_routes(app: FastAPI, name: str, entry: Served, settings: Settings) -> None:
+    fn = entry.function
+    title = "".join(part.capitalize() for part in name.replace("-", "_").split("_"))
+    request_model = create_model(
+        f"{title}Request",
+        __config__=ConfigDict(extra="forbid"),
+        input=(fn.input_type, ...),
+    )
+    response_model = create_model(f"{title}Task", __base__=TaskModel, output=(fn.output_type | None, None))
+    adapter = fn.input_adapter
+    tag = f"function: {name}"
+
+    async def predict(
+        body: request_model,  # type: ignore[valid-type]
+        request: Request,
+        timeout: float | None = Query(None, gt=0, description="seconds to wait for the output"),
+    ) -> Response:
+        wait_s = _checked_timeout(timeout, settings.default_timeout_s, settings, "timeout")
+        store, waiter = _store(request), _waiter(request)
+        task_id = new_task_id()
+        future = waiter.expect(task_id)
+        try:
+            await store.enqueue(
+                name,
+                entry.settings,
+                adapter.dump_python(body.input, mode="json"),  # type: ignore[attr-defined]
+                deadline=deadline_after(wait_s),
+                reply_to=waiter.reply_channel,
+                task_id=task_id,
+            )
+        except BaseException:
+            waiter.forget(task_id, future)
+            raise
+        task = await waiter.wait(task_id, future, wait_s)
+        return await _predict_answer(store, task_id, name, task, wait_s)
+
+    async def submit(
+        body: request_model,  # type: ignore[valid-type]
+        request: Request,
+    ) -> Response:
+        task = await _store(request).enqueue(
+            name,
+            entry.settings,
+            adapter.dump_python(body.input, mode="json"),  # type: ignore[attr-defined]
+            deadline=None,
+            reply_to=None,
+        )
+        return _task_response(task, 202, Location=f"/v1/tasks/{task['id']}")
+
+    async def describe(request: Request) -> dict[str, Any]:
+        return await _describe(_store(request), name, entry)
+
+    app.add_api_route(
+        f"/v1/functions/{name}/predict",
+        predict,
+        methods=["POST"],
+        tags=[tag],
+        summary=f"Run {name} and wait for its output",
+        response_model=response_model,
+        responses={504: {"description": "timed out; the body names the task id"}},
+    )
+    app.add_api_route(
+        f"/v1/functions/{name}/tasks",
+        submit,
+        methods=["POST"],
+        tags=[tag],
+        status_code=202,
+        summary=f"Submit a background task to {name}",
+        response_model=TaskModel,
+    )
+    app.add_api_route(f"/v1/functions/{name}", describe, methods=["GET"], tags=[tag])
+
+
+async def _predict_answer(
+    store: TaskStore, task_id: str, function: str, task: dict[str, Any] | None, wait_s: float
+) -> Response:
+    if task is None:
+        raise NotFound(f"task {task_id} was deleted while it was waited on", task_id=task_id)
+    status = task["status"]
+    if status == TaskStatus.SUCCEEDED:
+        return _task_response(task)
+    if status not in TERMINAL:
+        # Nothing finished in time: a task that never started is withdrawn, a running one goes
+        # on and stays readable at /v1/tasks/{id}/result.
+        before = await store.cancel(
+            task_id,
+            function,
+            only_if_queued=True,
+            error=error_json("canceled", f"predict timed out after {wait_s} s before it started"),
+        )
+        started = before != "queued"
+        raise Timeout(
+            f"task {task_id} did not finish within {wait_s} s"
+            + ("; it is still running" if started else "; it never started and was canceled"),
+            task_id=task_id,
+        )
+    error = task.get("error") or {}
+    if status == TaskStatus.FAILED:
+        raise ModelError(error.get("message", "the function failed"), task_id=task_id)
+    if status == TaskStatus.TIMED_OUT:
+        raise Timeout(error.get("message", "the task timed out"), task_id=task_id)
+    raise Conflict(error.get("message", f"task {task_id} was canceled"), task_id=task_id)
+
+
+async def _describe(store: TaskStore, name: str, entry: Served) -> dict[str, Any]:
+    figures = await store.figures(name)
+    return {
+        "name": name,
+        "batch": entry.function.batch,
+        "settings": entry.settings.model_dump(),
+        "queued": figures.queued,
+        "running": figures.running,
+        "replicas": figures.replicas,
+    }
+
+
+def _generic_routes(app: FastAPI, served: dict[str, Served], settings: Settings) -> None:
+    known = ", ".join(sorted(served))
+
+    def unknown(fn: str) -> RunqError:
+        return NotFound(f"unknown function {fn!r}; served: {known}")
+
+    async def task_or_404(store: TaskStore, task_id: str, with_output: bool) -> dict[str, Any]:
+        task = await store.read(task_id, with_output=with_output)
+        if task is None:
+            raise NotFound(f"no task {task_id}")
+        return task
+
+    @app.get("/v1/functions", tags=["functions"])
+    async def list_functions(request: Request) -> dict[str, Any]:
+        store = _store(request)
+        return {"functions": [await _describe(store, n, e) for n, e in sorted(served.items())]}
+
+    @app.get("/v1/functions/{fn}", tags=["functions"], include_in_schema=False)
+    async def unknown_function(fn: str) -> None:
+        raise unknown(fn)
+
+    @app.post("/v1/functions/{fn}/predict", include_in_schema=False)
+    @app.post("/v1/functions/{fn}/tasks", include_in_schema=False)
+    async def unknown_function_call(fn: str) -> None:
+        raise unknown(fn)
+
+    @app.get("/v1/tasks/{task_id}", tags=["tasks"], response_model=TaskModel)
+    async def task_status(task_id: str, request: Request) -> Response:
+        return _task_response(await task_or_404(_store(request), task_id, with_output=False))
+
+    @app.get(
+        "/v1/tasks/{task_id}/result",
+        tags=["tasks"],
+        response_model=TaskModel,
+        responses={202: {"description": "still pending; try again after Retry-After"}},
+    )
+    async def task_result(
+        task_id: str,
+        request: Request,
+        wait: float = Query(0, ge=0, description="seconds to wait for the task to end"),
+    ) -> Response:
+        wait_s = _checked_timeout(wait, None, settings, "wait")
+        if wait_s > 0:
+            task = await _waiter(request).wait_any(task_id, wait_s)
+            if task is None:
+                raise NotFound(f"no task {task_id}")
+        else:
+            task = await task_or_404(_store(request), task_id, with_output=True)
+        if task["status"] in TERMINAL:
+            return _task_response(task)
+        return _task_response(task, 202, **{"Retry-After": str(RETRY_AFTER_PENDING_S)})
+
+    @app.post("/v1/tasks/{task_id}/cancel", tags=["tasks"], response_model=TaskModel)
+    async def cancel_task(task_id: str, request: Request) -> Response:
+        store = _store(request)
+        function = await store.function_of(task_id)
+        if function is None:
+            raise NotFound(f"no task {task_id}")
+        before = await store.cancel(
+            task_id, function, only_if_queued=False, error=error_json("canceled", "canceled")
+        )
+        task = await task_or_404(store, task_id, with_output=False)
+        if before not in ("queued", "started"):
+            raise Conflict(f"task {task_id} has already ended ({task['status']})", task=task)
+        return _task_response(task)
+
+    @app.delete("/v1/tasks/{task_id}", tags=["tasks"], status_code=204)
+    async def delete_task(task_id: str, request: Request) -> Response:
+        store = _store(request)
+        function = await store.function_of(task_id)
+        if function is None or not await store.delete(task_id, function):
+            raise NotFound(f"no task {task_id}")
+        return Response(status_code=204)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz(request: Request) -> dict[str, str]:
+        # Zero workers is still ready: tasks wait in the queue for a cold start.
+        try:
+            await request.app.state.redis.ping()
+        except (RedisError, OSError):
+            raise Unavailable("the queue is unreachable") from None
+        if not _waiter(request).connected.is_set():
+            raise Unavailable("the reply subscription is not up yet")
+        return {"status": "ready"}

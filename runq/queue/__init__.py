@@ -1,0 +1,1 @@
+"""Everything that touches Redis: keys, Lua scripts, admission, task state, result waiting."""

@@ -1,0 +1,156 @@
+"""The task as callers see it, derived from RQ's job hash and result stream."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from base64 import b64decode
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+from redis import Redis
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+from rq.utils import now
+
+from runq.queue import constants as k
+from runq.settings import FunctionSettings
+
+# RQ needs an importable-looking name for the job's function; workers never import it: they run
+# the one function they were started with.
+FUNC_REF = "runq.functions.serve"
+
+
+class TaskStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    TIMED_OUT = "timed_out"
+
+
+TERMINAL = frozenset(
+    {TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELED, TaskStatus.TIMED_OUT}
+)
+
+# Error code that makes an ended task `timed_out` rather than failed or canceled.
+TIMED_OUT_CODE = "timed_out"
+
+_FROM_RQ = {
+    JobStatus.CREATED.value: TaskStatus.QUEUED,
+    JobStatus.QUEUED.value: TaskStatus.QUEUED,
+    JobStatus.DEFERRED.value: TaskStatus.QUEUED,
+    JobStatus.SCHEDULED.value: TaskStatus.QUEUED,
+    JobStatus.STARTED.value: TaskStatus.RUNNING,
+    JobStatus.FINISHED.value: TaskStatus.SUCCEEDED,
+    JobStatus.FAILED.value: TaskStatus.FAILED,
+    JobStatus.STOPPED.value: TaskStatus.FAILED,
+    JobStatus.CANCELED.value: TaskStatus.CANCELED,
+}
+
+_DEADLINE_FIELD = "runq_deadline"
+_REPLY_TO_FIELD = "runq_reply_to"
+_ATTEMPTS_FIELD = "runq_attempts"
+
+
+def error_json(code: str, message: str) -> str:
+    return json.dumps({"code": code, "message": message})
+
+
+def new_job_fields(
+    *,
+    function: str,
+    settings: FunctionSettings,
+    task_id: str,
+    payload: Any,
+    deadline: float | None,
+    reply_to: str | None,
+    connection: Redis,
+) -> dict[str, Any]:
+    """The job hash of a new queued task, in RQ's layout (RQ's own `Job` writes it)."""
+    meta: dict[str, Any] = {"deadline": deadline, "reply_to": reply_to}
+    job = Job.create(
+        FUNC_REF,
+        args=[payload],
+        id=task_id,
+        connection=connection,
+        serializer=JSONSerializer,
+        result_ttl=settings.result_ttl_s,
+        failure_ttl=settings.result_ttl_s,
+        timeout=math.ceil(settings.timeout_s),
+        description=f"runq {function}",  # never the input: `rq info` must not print payloads
+        meta=meta,
+    )
+    job.origin = k.queue_name(function)
+    job.enqueued_at = now()
+    fields = job.to_dict()
+    fields["status"] = JobStatus.QUEUED.value
+    # Plain copies of what Lua scripts need, so they never decode `meta`.
+    if deadline is not None:
+        fields[_DEADLINE_FIELD] = repr(deadline)
+    if reply_to is not None:
+        fields[_REPLY_TO_FIELD] = reply_to
+    return fields
+
+
+def job_input(fields: Mapping[bytes, bytes]) -> Any:
+    """The task's input from its job hash (RQ stores ``[func, instance, args, kwargs]``)."""
+    _func, _instance, args, _kwargs = JSONSerializer.loads(zlib.decompress(fields[b"data"]))
+    return args[0]
+
+
+def reply_channel(fields: Mapping[bytes, bytes]) -> str | None:
+    value = fields.get(_REPLY_TO_FIELD.encode())
+    return value.decode() if value else None
+
+
+def task_view(task_id: str, fields: Mapping[bytes, bytes]) -> dict[str, Any]:
+    """The task JSON (without output) from its job hash."""
+    error_raw = fields.get(k.ERROR_FIELD.encode())
+    error = json.loads(error_raw) if error_raw else None
+    status = _FROM_RQ.get(fields.get(b"status", b"").decode(), TaskStatus.QUEUED)
+    if error is not None and error.get("code") == TIMED_OUT_CODE:
+        status = TaskStatus.TIMED_OUT
+    task: dict[str, Any] = {
+        "id": task_id,
+        "function": fields.get(b"origin", b"").decode().removeprefix(k.QUEUE_NAME_PREFIX),
+        "status": status.value,
+        "created_at": _timestamp(fields.get(b"created_at")),
+        "started_at": _timestamp(fields.get(b"started_at")),
+        "finished_at": _timestamp(fields.get(b"ended_at")),
+        "attempts": int(fields.get(_ATTEMPTS_FIELD.encode(), b"0")),
+    }
+    if error is not None:
+        task["error"] = error
+    return task
+
+
+def queued_view(task_id: str, function: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The task JSON of a task just enqueued with ``fields``, without reading it back."""
+    return {
+        "id": task_id,
+        "function": function,
+        "status": TaskStatus.QUEUED.value,
+        "created_at": fields["created_at"],
+        "started_at": None,
+        "finished_at": None,
+        "attempts": 0,
+    }
+
+
+def result_output(entry: Mapping[bytes, bytes]) -> Any:
+    """The return value of an entry of RQ's result stream."""
+    raw = entry.get(b"return_value")
+    return JSONSerializer.loads(b64decode(raw)) if raw else None
+
+
+def deadline_after(timeout_s: float | None) -> float | None:
+    return None if timeout_s is None else time.time() + timeout_s
+
+
+def _timestamp(raw: bytes | None) -> str | None:
+    return raw.decode() if raw else None

@@ -1,0 +1,206 @@
+"""Waiting for tasks to end without a thread, connection or polling loop per waiter.
+
+One pub/sub connection per gateway process carries every notification: whole finished tasks on
+the process's reply channel (predict), and bare task ids on task channels (long-polls, cancels).
+Each waiter is a future. A message can be lost (a reconnect, a subscription that raced the end of
+the task), so a waiter that times out re-reads the task before it answers, and every reconnect
+re-reads every task still waited on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections import defaultdict
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from runq.queue import constants as k
+from runq.queue.store import TaskStore
+from runq.queue.tasks import TERMINAL
+
+logger = logging.getLogger("runq.waiter")
+
+RECONNECT_DELAY_S = 0.5
+
+
+class TaskWaiter:
+    def __init__(self, redis: aioredis.Redis, store: TaskStore) -> None:
+        self._redis = redis
+        self._store = store
+        self.reply_channel = k.REPLY_CHANNEL_PREFIX + uuid.uuid4().hex
+        self._waiting: dict[str, set[asyncio.Future[dict[str, Any]]]] = defaultdict(set)
+        self._channel_refs: dict[str, int] = {}
+        self._confirmations: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
+        self._pubsub: PubSub | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self.connected = asyncio.Event()
+
+    # lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Starts listening; `connected` is set once the reply channel is subscribed."""
+        self._listener = asyncio.create_task(self._listen(), name="runq-waiter")
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        for task in list(self._background):
+            task.cancel()
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()
+
+    # waiting -------------------------------------------------------------------------------
+
+    def expect(self, task_id: str) -> asyncio.Future[dict[str, Any]]:
+        """A future for a task whose reply channel is this process's; register before enqueue."""
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[task_id].add(future)
+        return future
+
+    def forget(self, task_id: str, future: asyncio.Future[dict[str, Any]]) -> None:
+        futures = self._waiting.get(task_id)
+        if futures is not None:
+            futures.discard(future)
+            if not futures:
+                del self._waiting[task_id]
+
+    async def wait(
+        self, task_id: str, future: asyncio.Future[dict[str, Any]], timeout_s: float
+    ) -> dict[str, Any] | None:
+        """The ended task, or its latest state at the timeout (None if it no longer exists)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            return await self._store.read(task_id, with_output=True)
+        finally:
+            self.forget(task_id, future)
+
+    async def wait_any(self, task_id: str, timeout_s: float) -> dict[str, Any] | None:
+        """Long-poll a task whatever gateway submitted it, through its own channel."""
+        channel = k.task_channel(task_id)
+        future = self.expect(task_id)
+        try:
+            await self._subscribe(channel)
+            # Read only once the subscription is live, so an end between the two is not missed.
+            task = await self._store.read(task_id, with_output=True)
+            if task is None or task["status"] in TERMINAL or timeout_s <= 0:
+                self.forget(task_id, future)
+                return task
+            return await self.wait(task_id, future, timeout_s)
+        finally:
+            self.forget(task_id, future)
+            await self._unsubscribe(channel)
+
+    # pub/sub -------------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        pubsub = self._redis.pubsub()
+        channels = [self.reply_channel, *self._channel_refs]
+        confirmed = [self._confirmation(channel) for channel in channels]
+        await pubsub.subscribe(*channels)
+        # Confirmations arrive through the listener; before it runs, read them here.
+        while not all(f.done() for f in confirmed):
+            message = await pubsub.get_message(timeout=5.0)
+            if message is None:
+                raise RedisError("no subscription confirmation within 5 s")
+            self._handle(message)
+        self._pubsub = pubsub
+        self.connected.set()
+
+    async def _listen(self) -> None:
+        while True:
+            await self._connect_until_up()
+            assert self._pubsub is not None
+            try:
+                while True:
+                    message = await self._pubsub.get_message(timeout=None)
+                    if message is not None:
+                        self._handle(message)
+            except (RedisError, OSError) as exc:
+                self.connected.clear()
+                logger.warning("reply subscription lost (%s); reconnecting", exc)
+
+    async def _connect_until_up(self) -> None:
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()
+            self._pubsub = None
+        while True:
+            try:
+                await self._connect()
+            except (RedisError, OSError) as exc:
+                logger.warning("cannot subscribe to replies (%s); retrying", exc)
+                await asyncio.sleep(RECONNECT_DELAY_S)
+                continue
+            break
+        # Notifications sent while disconnected are gone: re-read every task still waited on.
+        for task_id in list(self._waiting):
+            self._spawn(self._refresh(task_id))
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "subscribe":
+            channel = message["channel"].decode()
+            for future in self._confirmations.pop(channel, []):
+                if not future.done():
+                    future.set_result(None)
+        elif kind == "message":
+            data: bytes = message["data"]
+            if data.startswith(b"{"):
+                task = json.loads(data)
+                self._resolve(task["id"], task)
+            else:
+                task_id = data.decode()
+                if task_id in self._waiting:
+                    self._spawn(self._refresh(task_id))
+
+    async def _refresh(self, task_id: str) -> None:
+        task = await self._store.read(task_id, with_output=True)
+        if task is None or task["status"] in TERMINAL:
+            self._resolve(task_id, task)
+
+    def _resolve(self, task_id: str, task: dict[str, Any] | None) -> None:
+        for future in self._waiting.pop(task_id, ()):
+            if not future.done():
+                future.set_result(task)  # type: ignore[arg-type]
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _confirmation(self, channel: str) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._confirmations[channel].append(future)
+        return future
+
+    async def _subscribe(self, channel: str) -> None:
+        refs = self._channel_refs.get(channel, 0)
+        self._channel_refs[channel] = refs + 1
+        if refs:
+            return
+        confirmed = self._confirmation(channel)
+        await self.connected.wait()
+        assert self._pubsub is not None
+        await self._pubsub.subscribe(channel)
+        await confirmed
+
+    async def _unsubscribe(self, channel: str) -> None:
+        refs = self._channel_refs.pop(channel, 0) - 1
+        if refs > 0:
+            self._channel_refs[channel] = refs
+            return
+        if self._pubsub is not None and self.connected.is_set():
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.unsubscribe(channel)

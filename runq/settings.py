@@ -1,0 +1,204 @@
+"""One typed, frozen settings model, built once at the entry point and passed down.
+
+Sources, lowest to highest precedence: defaults, decorator keywords (per function), the YAML
+file, ``RUNQ_*`` environment variables, CLI flags. Unknown keys are errors in every source: a
+misspelt setting that is silently ignored is worse than one that stops the start.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from runq.errors import ConfigError
+
+ENV_PREFIX = "RUNQ_"
+ENV_NESTING = "__"
+# Environment variables runq reads that are not settings fields.
+ENV_CONFIG_FILE = "RUNQ_CONFIG"
+ENV_TARGET = "RUNQ_TARGET"
+
+
+class FunctionSettings(BaseModel):
+    """Per-function settings; names follow what BentoML and Ray Serve users already know."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_batch_size: int = Field(32, ge=1, le=10_000)
+    # How long a worker may wait to fill a batch; never a reason to reject a request.
+    max_latency_ms: float = Field(10.0, ge=0, le=60_000)
+    timeout_s: float = Field(30.0, gt=0)
+    max_queue: int = Field(10_000, ge=1)
+    max_concurrency: int | None = Field(None, ge=1)
+    min_replicas: int = Field(0, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    scale_down_delay_s: float = Field(60.0, ge=0)
+    result_ttl_s: int = Field(3600, ge=1)
+    retries: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _replicas_ordered(self) -> FunctionSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+FUNCTION_SETTING_NAMES = frozenset(FunctionSettings.model_fields)
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # None: `runq serve` starts the embedded Valkey; `gateway` and `worker` refuse to start.
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_workers: int = Field(1, ge=1)
+    backlog: int = Field(2048, ge=1)
+    default_timeout_s: float = Field(30.0, gt=0)
+    max_timeout_s: float = Field(300.0, gt=0)
+    max_body_bytes: int = Field(1024 * 1024, ge=1)
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Per-function overrides by function name; checked against the declared functions by
+    # `function_settings`, so a name or key that matches nothing stops the start.
+    functions: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.default_timeout_s > self.max_timeout_s:
+            raise ValueError(
+                f"default_timeout_s ({self.default_timeout_s}) is above max_timeout_s "
+                f"({self.max_timeout_s})"
+            )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile must be given together")
+        for name, overrides in self.functions.items():
+            unknown = set(overrides) - FUNCTION_SETTING_NAMES
+            if unknown:
+                raise ValueError(
+                    f"functions.{name}: unknown setting(s) {', '.join(sorted(unknown))}; "
+                    f"known: {', '.join(sorted(FUNCTION_SETTING_NAMES))}"
+                )
+        return self
+
+    def function_settings(self, name: str, declared: Mapping[str, Any]) -> FunctionSettings:
+        """The effective settings of one function: its decorator keywords under the overrides."""
+        merged = {**declared, **self.functions.get(name, {})}
+        try:
+            resolved = FunctionSettings.model_validate(merged)
+        except ValidationError as exc:
+            raise ConfigError(f"function {name!r}: {_explain(exc)}") from None
+        if resolved.max_latency_ms / 1000 >= self.max_timeout_s:
+            raise ConfigError(
+                f"function {name!r}: max_latency_ms ({resolved.max_latency_ms}) is not below "
+                f"max_timeout_s ({self.max_timeout_s}); no predict could ever finish in time"
+            )
+        return resolved
+
+    def check_functions(self, names: set[str]) -> None:
+        unknown = set(self.functions) - names
+        if unknown:
+            raise ConfigError(
+                f"settings name function(s) {', '.join(sorted(unknown))} that the target does "
+                f"not declare; declared: {', '.join(sorted(names))}"
+            )
+
+
+def load_settings(
+    cli: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Settings:
+    """Builds the settings from the file, the environment and CLI flags (None means unset)."""
+    env = os.environ if env is None else env
+    config_file = config_file or _env_path(env)
+    layers = [
+        _read_file(config_file) if config_file else {},
+        _from_env(env),
+        {key: value for key, value in (cli or {}).items() if value is not None},
+    ]
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        _deep_merge(merged, layer)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings: {_explain(exc)}") from None
+
+
+def settings_to_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process load exactly these settings."""
+    env: dict[str, str] = {}
+    for key, value in settings.model_dump(exclude_defaults=True, exclude={"functions"}).items():
+        env[ENV_PREFIX + key.upper()] = str(value)
+    for name, overrides in settings.functions.items():
+        for key, value in overrides.items():
+            env[f"{ENV_PREFIX}FUNCTIONS{ENV_NESTING}{name.upper()}{ENV_NESTING}{key.upper()}"] = (
+                str(value)
+            )
+    return env
+
+
+def _env_path(env: Mapping[str, str]) -> Path | None:
+    value = env.get(ENV_CONFIG_FILE)
+    return Path(value) if value else None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read settings file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"settings file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"settings file {path} must hold a mapping at the top level")
+    return data
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    known_fields = set(Settings.model_fields)
+    result: dict[str, Any] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or key in (ENV_CONFIG_FILE, ENV_TARGET):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name.startswith("functions" + ENV_NESTING):
+            parts = name.split(ENV_NESTING)
+            if len(parts) != 3 or not all(parts):
+                raise ConfigError(f"{key}: expected RUNQ_FUNCTIONS__<NAME>__<SETTING>")
+            result.setdefault("functions", {}).setdefault(parts[1], {})[parts[2]] = value
+        elif name in known_fields and name != "functions":
+            result[name] = value
+        else:
+            raise ConfigError(
+                f"unknown environment variable {key}; known: "
+                + ", ".join(sorted(ENV_PREFIX + f.upper() for f in known_fields))
+            )
+    return result
+
+
+def _deep_merge(into: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+
+
+def _explain(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+        for err in exc.errors()
+    )

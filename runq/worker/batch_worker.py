@@ -1,0 +1,223 @@
+"""BatchWorker: an RQ SimpleWorker that runs one function, a batch of tasks per model call.
+
+Lifecycle: start (register, ``setup()``) → loop (collect, run, record) → drain (finish the batch
+in hand) → stop (deregister). Signals only set a flag; the loop notices it within
+WORKER_DEQUEUE_TIMEOUT_S. Every task's outcome is recorded with RQ's own job, result, registry and
+execution bookkeeping, pipelined: one round trip per batch, not per task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from redis import Redis
+from redis.client import Pipeline
+from redis.exceptions import WatchError
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+from rq.utils import now, utcformat
+from rq.worker import SimpleWorker, WorkerStatus
+
+from runq.functions import Function
+from runq.queue import constants as k
+from runq.queue import scripts
+from runq.queue.tasks import TIMED_OUT_CODE, error_json, job_input, reply_channel, task_view
+from runq.settings import FunctionSettings
+from runq.worker.collect import BatchCollector, Claimed, RawHash
+from runq.worker.runner import BatchTimeout, ModelRunner, Outcome, failure
+
+logger = logging.getLogger("runq.worker")
+
+HEARTBEAT_INTERVAL_S = 10.0
+
+
+@dataclass
+class Running:
+    """A task of the batch in hand."""
+
+    task_id: str
+    fields: RawHash
+    job: Job
+    execution: Execution
+
+
+class BatchWorker(SimpleWorker):  # type: ignore[misc]
+    def __init__(self, function: Function, settings: FunctionSettings, connection: Redis) -> None:
+        queue = Queue(k.queue_name(function.name), connection=connection, serializer=JSONSerializer)
+        super().__init__([queue], connection=connection, serializer=JSONSerializer)
+        self.function = function
+        self.settings = settings
+        self.runner = ModelRunner(function)
+        self.collector = BatchCollector(connection, function.name, settings, self.name)
+        self._last_heartbeat = 0.0
+        self.batches_run = 0
+
+    # lifecycle ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """start → loop → drain → stop; returns once a stop was requested and the batch is done."""
+        self._install_signal_handlers()
+        started = time.monotonic()
+        self.runner.setup()
+        logger.info(
+            "worker %s: %s ready in %.2f s", self.name, self.function.name, time.monotonic() - started
+        )
+        self.bootstrap(logging_level=None)
+        try:
+            while not self._stop_requested:
+                claimed = self.collector.collect(block_s=k.WORKER_DEQUEUE_TIMEOUT_S)
+                if claimed is not None:
+                    self.process(claimed)
+                self._maybe_heartbeat()
+        finally:
+            self.teardown()
+            logger.info("worker %s: stopped after %d batches", self.name, self.batches_run)
+
+    def _install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGINT, self._request_stop)
+        signal.signal(signal.SIGTERM, self._request_stop)
+
+    def _request_stop(self, signum: int, _frame: FrameType | None) -> None:
+        # A flag only: the batch in hand finishes and is recorded. A second signal gets the
+        # default action, for whoever really means it.
+        self._stop_requested = True
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def _maybe_heartbeat(self) -> None:
+        if time.monotonic() - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
+            self.heartbeat()
+            self._last_heartbeat = time.monotonic()
+
+    # one batch ------------------------------------------------------------------------------
+
+    def process(self, claimed: Claimed) -> None:
+        running = self._start(claimed)
+        if not running:
+            return
+        keys = [task.job.key for task in running]
+        with self.connection.pipeline() as pipe:
+            # Watch the batch's job hashes while the model runs, so a cancel or delete that
+            # lands meanwhile is seen before the outcome is written over it.
+            pipe.watch(*keys)
+            outcomes = self._execute(running)
+            self._record(pipe, running, outcomes)
+        self.batches_run += 1
+
+    def _start(self, claimed: Claimed) -> list[Running]:
+        """Creates RQ executions for the claimed tasks and announces expired ones."""
+        running = []
+        with self.connection.pipeline(transaction=False) as pipe:
+            for task_id, fields in claimed.started:
+                job = Job(task_id, connection=self.connection, serializer=JSONSerializer)
+                job.restore(fields)
+                execution = Execution.create(
+                    job, self.get_heartbeat_ttl(job), pipeline=pipe, worker_name=self.name
+                )
+                self.executions[execution.id] = execution
+                running.append(Running(task_id, fields, job, execution))
+            for task_id, fields in claimed.expired:
+                _publish(pipe, task_id, fields, task_view(task_id, fields))
+            if running:
+                self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+            pipe.execute()
+        return running
+
+    def _execute(self, running: list[Running]) -> list[Outcome]:
+        payloads: list[Any] = []
+        for task in running:
+            payloads.append(job_input(task.fields))
+        try:
+            with _time_limit(self.settings.timeout_s):
+                return self.runner.run(payloads)
+        except BatchTimeout:
+            message = f"the batch ran past timeout_s ({self.settings.timeout_s} s) and was stopped"
+            logger.warning("worker %s: %s", self.name, message)
+            return [failure(TIMED_OUT_CODE, message)] * len(running)
+
+    def _record(self, pipe: Pipeline, running: list[Running], outcomes: list[Outcome]) -> None:
+        ended = now()
+        owned = [True] * len(running)
+        while True:
+            try:
+                pipe.multi()
+                for task, outcome, ours in zip(running, outcomes, owned, strict=True):
+                    if ours:
+                        self._record_one(pipe, task, outcome, ended)
+                    self.cleanup_execution(task.job, pipeline=pipe, execution=task.execution)
+                self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+                pipe.execute()
+                return
+            except WatchError:
+                # Someone canceled or deleted a task of this batch while it ran: its new state
+                # stands, and the outcome is recorded only for tasks still marked started.
+                pipe.reset()
+                keys = [task.job.key for task in running]
+                pipe.watch(*keys)
+                statuses = pipe.eval(scripts.STATUSES, len(keys), *keys)
+                owned = [status == JobStatus.STARTED.value.encode() for status in statuses]
+
+    def _record_one(self, pipe: Pipeline, task: Running, outcome: Outcome, ended: Any) -> None:
+        job, execution = task.job, task.execution
+        job.ended_at = ended
+        timing = {
+            "worker_name": self.name,
+            "execution_id": execution.id,
+            "execution_started_at": execution.created_at,
+            "execution_ended_at": ended,
+        }
+        fields = dict(task.fields)
+        fields[b"ended_at"] = utcformat(ended).encode()
+        if outcome.ok:
+            job._result = outcome.output
+            job._handle_success(job.result_ttl, pipeline=pipe, **timing)
+            job.cleanup(job.result_ttl, pipeline=pipe, remove_from_queue=False)
+            self.increment_successful_job_count(pipeline=pipe)
+            fields[b"status"] = JobStatus.FINISHED.value.encode()
+            view = task_view(task.task_id, fields)
+            view["output"] = outcome.output
+        else:
+            assert outcome.error_code is not None
+            error = error_json(outcome.error_code, outcome.error_message)
+            job.set_status(JobStatus.FAILED, pipeline=pipe)
+            job._handle_failure(outcome.traceback, pipeline=pipe, **timing)
+            pipe.hset(job.key, mapping={k.ERROR_FIELD: error, "ended_at": utcformat(ended)})
+            pipe.expire(job.key, job.failure_ttl)
+            self.increment_failed_job_count(pipeline=pipe)
+            fields[b"status"] = JobStatus.FAILED.value.encode()
+            fields[k.ERROR_FIELD.encode()] = error.encode()
+            view = task_view(task.task_id, fields)
+        _publish(pipe, task.task_id, fields, view)
+
+
+def _publish(pipe: Pipeline, task_id: str, fields: RawHash, view: dict[str, Any]) -> None:
+    reply_to = reply_channel(fields)
+    if reply_to is not None:
+        pipe.publish(reply_to, json.dumps(view))
+    pipe.publish(k.task_channel(task_id), task_id)
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raises BatchTimeout into the batch after ``seconds`` (RQ's death penalty has 1 s steps)."""
+
+    def expire(_signum: int, _frame: FrameType | None) -> None:
+        raise BatchTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

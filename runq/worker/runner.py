@@ -1,0 +1,117 @@
+"""Calls the model on a batch and holds it to its contract; knows nothing of Redis."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from runq.functions import Function, validation_message
+
+logger = logging.getLogger("runq.worker")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one task: an output (JSON-ready), or an error code and message."""
+
+    output: Any = None
+    error_code: str | None = None
+    error_message: str = ""
+    traceback: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
+
+
+class BatchTimeout(Exception):
+    """Raised into a batch that ran past the function's timeout_s."""
+
+
+def failure(code: str, message: str, tb: str = "") -> Outcome:
+    return Outcome(error_code=code, error_message=message, traceback=tb or message)
+
+
+class ModelRunner:
+    def __init__(self, function: Function) -> None:
+        self.function = function
+        self._output = TypeAdapter(function.output_type)
+        self._call: Callable[[Any], Any] | None = None
+
+    def setup(self) -> None:
+        self._call = self.function.load()
+
+    def run(self, payloads: Sequence[Any]) -> list[Outcome]:
+        """One outcome per payload, in order. Never raises for the model's faults."""
+        outcomes: list[Outcome | None] = [None] * len(payloads)
+        inputs, positions = [], []
+        for i, payload in enumerate(payloads):
+            try:
+                inputs.append(self.function.validate_input(payload))
+                positions.append(i)
+            except ValidationError as exc:
+                outcomes[i] = failure("validation_error", validation_message(exc))
+        results = self._run_batch(inputs) if self.function.batch else self._run_each(inputs)
+        for i, outcome in zip(positions, results, strict=True):
+            outcomes[i] = outcome
+        return [o for o in outcomes if o is not None]
+
+    def _run_batch(self, inputs: list[Any]) -> list[Outcome]:
+        if not inputs:
+            return []
+        try:
+            outputs = self._model(inputs)
+        except BatchTimeout:
+            raise
+        except Exception as exc:
+            return [_model_failure(exc)] * len(inputs)
+        if not isinstance(outputs, Sequence) or isinstance(outputs, str | bytes):
+            message = (
+                f"{self.function.name} is batched and must return a list; "
+                f"it returned {type(outputs).__name__}"
+            )
+            return [failure("model_error", message)] * len(inputs)
+        if len(outputs) != len(inputs):
+            message = (
+                f"{self.function.name} returned {len(outputs)} outputs for a batch of "
+                f"{len(inputs)} inputs; a batched function returns one output per input, in order"
+            )
+            return [failure("model_error", message)] * len(inputs)
+        return [self._dump(output) for output in outputs]
+
+    def _run_each(self, inputs: list[Any]) -> list[Outcome]:
+        outcomes = []
+        for value in inputs:
+            try:
+                outcomes.append(self._dump(self._model(value)))
+            except BatchTimeout:
+                raise
+            except Exception as exc:
+                outcomes.append(_model_failure(exc))
+        return outcomes
+
+    def _model(self, value: Any) -> Any:
+        if self._call is None:
+            raise RuntimeError("ModelRunner.setup() must run before run()")
+        return self._call(value)
+
+    def _dump(self, output: Any) -> Outcome:
+        try:
+            return Outcome(output=self._output.dump_python(output, mode="json"))
+        except Exception as exc:
+            return failure(
+                "model_error",
+                f"{self.function.name} returned an output that cannot be sent as JSON: {exc}",
+            )
+
+
+def _model_failure(exc: Exception) -> Outcome:
+    message = f"{type(exc).__name__}: {exc}"
+    tb = "".join(traceback.format_exception(exc))
+    logger.error("function raised %s", message, exc_info=exc)
+    return failure("model_error", message, tb)
