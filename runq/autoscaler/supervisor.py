@@ -83,4 +83,3 @@ class Supervisor:
         child.process = subprocess.Popen(child.argv, env=self.env)  # noqa: S603
         child.last_start = time.monotonic()
         logger.info("started %s (pid %d)", child.name, child.process.pid)
-

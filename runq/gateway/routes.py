@@ -65,7 +65,9 @@ def _waiter(request: Request) -> TaskWaiter:
     return waiter
 
 
-def _checked_timeout(value: float | None, default: float | None, settings: Settings, name: str) -> float:
+def _checked_timeout(
+    value: float | None, default: float | None, settings: Settings, name: str
+) -> float:
     timeout = default if value is None else value
     if timeout is None:
         return 0.0
@@ -89,7 +91,9 @@ def _function_routes(app: FastAPI, name: str, entry: Served, settings: Settings)
         __config__=ConfigDict(extra="forbid"),
         input=(fn.input_type, ...),
     )
-    response_model = create_model(f"{title}Task", __base__=TaskModel, output=(fn.output_type | None, None))
+    response_model = create_model(
+        f"{title}Task", __base__=TaskModel, output=(fn.output_type | None, None)
+    )
     adapter = fn.input_adapter
     tag = f"function: {name}"
 

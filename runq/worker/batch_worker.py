@@ -70,7 +70,10 @@ class BatchWorker(SimpleWorker):  # type: ignore[misc]
         started = time.monotonic()
         self.runner.setup()
         logger.info(
-            "worker %s: %s ready in %.2f s", self.name, self.function.name, time.monotonic() - started
+            "worker %s: %s ready in %.2f s",
+            self.name,
+            self.function.name,
+            time.monotonic() - started,
         )
         self.bootstrap(logging_level=None)
         try:
@@ -107,12 +110,20 @@ class BatchWorker(SimpleWorker):  # type: ignore[misc]
             return
         keys = [task.job.key for task in running]
         with self.connection.pipeline() as pipe:
-            # Watch the batch's job hashes while the model runs, so a cancel or delete that
-            # lands meanwhile is seen before the outcome is written over it.
+            # Watch the batch's job hashes from here to the record, and re-check them once
+            # watched: a cancel or delete that lands at any point after the claim is seen, and
+            # its new state stands instead of the outcome.
             pipe.watch(*keys)
-            outcomes = self._execute(running)
-            self._record(pipe, running, outcomes)
+            owned = self._owned(pipe, keys)
+            outcomes = iter(self._execute([t for t, ours in zip(running, owned) if ours]))
+            results = [next(outcomes) if ours else None for ours in owned]
+            self._record(pipe, running, results, owned)
         self.batches_run += 1
+
+    @staticmethod
+    def _owned(pipe: Pipeline, keys: list[str]) -> list[bool]:
+        statuses = pipe.eval(scripts.STATUSES, len(keys), *keys)
+        return [status == JobStatus.STARTED.value.encode() for status in statuses]
 
     def _start(self, claimed: Claimed) -> list[Running]:
         """Creates RQ executions for the claimed tasks and announces expired ones."""
@@ -134,9 +145,9 @@ class BatchWorker(SimpleWorker):  # type: ignore[misc]
         return running
 
     def _execute(self, running: list[Running]) -> list[Outcome]:
-        payloads: list[Any] = []
-        for task in running:
-            payloads.append(job_input(task.fields))
+        if not running:
+            return []
+        payloads = [job_input(task.fields) for task in running]
         try:
             with _time_limit(self.settings.timeout_s):
                 return self.runner.run(payloads)
@@ -145,27 +156,31 @@ class BatchWorker(SimpleWorker):  # type: ignore[misc]
             logger.warning("worker %s: %s", self.name, message)
             return [failure(TIMED_OUT_CODE, message)] * len(running)
 
-    def _record(self, pipe: Pipeline, running: list[Running], outcomes: list[Outcome]) -> None:
+    def _record(
+        self,
+        pipe: Pipeline,
+        running: list[Running],
+        outcomes: list[Outcome | None],
+        owned: list[bool],
+    ) -> None:
         ended = now()
-        owned = [True] * len(running)
+        keys = [task.job.key for task in running]
         while True:
             try:
                 pipe.multi()
                 for task, outcome, ours in zip(running, outcomes, owned, strict=True):
-                    if ours:
+                    if ours and outcome is not None:
                         self._record_one(pipe, task, outcome, ended)
                     self.cleanup_execution(task.job, pipeline=pipe, execution=task.execution)
                 self.set_state(WorkerStatus.IDLE, pipeline=pipe)
                 pipe.execute()
                 return
             except WatchError:
-                # Someone canceled or deleted a task of this batch while it ran: its new state
-                # stands, and the outcome is recorded only for tasks still marked started.
+                # A task of this batch was canceled or deleted while it ran: record outcomes
+                # only for tasks still marked started.
                 pipe.reset()
-                keys = [task.job.key for task in running]
                 pipe.watch(*keys)
-                statuses = pipe.eval(scripts.STATUSES, len(keys), *keys)
-                owned = [status == JobStatus.STARTED.value.encode() for status in statuses]
+                owned = [a and b for a, b in zip(owned, self._owned(pipe, keys), strict=True)]
 
     def _record_one(self, pipe: Pipeline, task: Running, outcome: Outcome, ended: Any) -> None:
         job, execution = task.job, task.execution

@@ -1,0 +1,599 @@
+"""Benchmarks runq against the two things it should come close to.
+
+1. Echo: a bare FastAPI echo app versus runq's echo predict, under the same wrk load at
+   concurrency 1, 16 and 64. Shows what the queue and the worker cost per request.
+2. Embedding: all-MiniLM-L6-v2 called directly at batch 32 versus runq's embed predict at
+   concurrency 64 (one sentence per request). Shows how much of the model's rate survives serving.
+
+    python benchmarks/run.py [--duration S] [--only echo|embed] [--json PATH]
+
+Needs wrk on PATH (Debian: apt-get install wrk). Every server listens on 127.0.0.1 on a free
+port and is stopped before this exits, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+LUA_SCRIPT = HERE / "wrk_post.lua"
+
+CONCURRENCIES = (1, 16, 64)
+EMBED_CONCURRENCY = 64
+EMBED_BATCH_SIZE = 32
+WARMUP_S = 3
+# Embedding latency at c=64 is hundreds of ms on a small CPU; wrk's 2 s default would turn a
+# slow tail into "timeouts" and drop it from the percentiles.
+WRK_TIMEOUT_S = 10
+# The embed worker loads torch and the model before it answers.
+READY_TIMEOUT_S = 180
+STOP_TIMEOUT_S = 30
+SENTENCE_COUNT = 1024
+SEED = 20240601
+
+# Targets shown next to the figures.
+MIN_ECHO_RPS_RATIO_C64 = 0.40
+MAX_ADDED_P50_MS_C1 = 1.5
+MIN_EMBED_RATIO = 0.90
+
+
+@dataclass
+class LoadResult:
+    target: str
+    concurrency: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non2xx: int
+    non2xx_codes: str
+    socket_errors: int
+
+
+class BenchError(Exception):
+    """A run that cannot produce figures; the message says which and why."""
+
+
+# inputs ----------------------------------------------------------------------------------------
+
+_SUBJECTS = (
+    "The new billing service",
+    "Our support team",
+    "A small bakery in Lisbon",
+    "The city council",
+    "My neighbour's teenage son",
+    "The research group down the hall",
+    "An old fishing boat",
+    "Most first-year students",
+    "The hospital's night shift",
+    "A volunteer from the library",
+    "The airline's mobile app",
+    "Our biggest customer",
+)
+_VERBS = (
+    "finally approved",
+    "quietly replaced",
+    "spent three weeks reviewing",
+    "is still arguing about",
+    "accidentally deleted",
+    "wrote a long post about",
+    "started testing",
+    "keeps asking questions about",
+    "could not explain",
+    "was surprised by",
+)
+_OBJECTS = (
+    "the plan to move every database to the cloud",
+    "a cheaper way to deliver fresh bread",
+    "the broken heating on the third floor",
+    "the results of last year's survey",
+    "the rules for parking near the station",
+    "a recipe that uses only five ingredients",
+    "the new schedule for weekend trains",
+    "a report on rising sea levels",
+    "the map of hiking trails",
+    "the price of electricity in winter",
+)
+_TAILS = (
+    "",
+    "before the holidays.",
+    "after a long meeting on Friday.",
+    "without telling anyone.",
+    "because the old one kept failing.",
+    "despite the heavy rain.",
+    "while everyone else was on leave.",
+    "in front of the whole department.",
+)
+
+
+def make_sentences(count: int, seed: int) -> list[str]:
+    """Distinct sentences of 10 to 20 words: real tokenisation and padding, not one cached input."""
+    rng = random.Random(seed)
+    found: dict[str, None] = {}
+    for _ in range(count * 100):
+        parts = [rng.choice(pool) for pool in (_SUBJECTS, _VERBS, _OBJECTS, _TAILS)]
+        sentence = " ".join(part for part in parts if part)
+        sentence = sentence if sentence.endswith(".") else sentence + "."
+        if 10 <= len(sentence.split()) <= 20:
+            found[sentence] = None
+        if len(found) == count:
+            break
+    return list(found)
+
+
+def write_bodies(path: Path, sentences: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"input": s}) + "\n" for s in sentences))
+    return path
+
+
+# processes -------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Server:
+    """A server process in its own session, so Ctrl-C reaches only us and we stop it in order."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        # SIGTERM to the top process only: `runq serve` stops its gateway, workers and Valkey
+        # itself. The group kill is for a process that ignores it, or a second Ctrl-C.
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=STOP_TIMEOUT_S)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            print(
+                f"  {self.name} did not stop within {STOP_TIMEOUT_S} s; killing it."
+                f" Its last lines:\n{self.log_tail()}",
+                flush=True,
+            )
+            with suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def log_problems(self, limit: int = 10) -> list[str]:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        markers = ("Traceback", " ERROR ", " WARNING ", "Error:", "CRITICAL")
+        found = [line for line in text.splitlines() if any(m in line for m in markers)]
+        return found[:limit]
+
+
+@contextmanager
+def serving(server: Server, check: Callable[[], None]) -> Iterator[Server]:
+    """Starts a server, waits until `check` passes, and always stops it afterwards."""
+    try:
+        server.start()
+        wait_until_ready(server, check)
+        yield server
+    finally:
+        server.stop()
+
+
+def wait_until_ready(server: Server, check: Callable[[], None]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    last_error = "no attempt yet"
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise BenchError(f"{server.name} exited early:\n{server.log_tail()}")
+        try:
+            check()
+            return
+        except (OSError, ValueError, BenchError) as exc:
+            last_error = str(exc)
+            time.sleep(0.25)
+    raise BenchError(
+        f"{server.name} not ready after {READY_TIMEOUT_S} s ({last_error}):\n{server.log_tail()}"
+    )
+
+
+def post_json(url: str, body: object, timeout: float = 60.0) -> Any:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def get_ok(url: str) -> None:
+    with urllib.request.urlopen(url, timeout=2):
+        pass
+
+
+# load ------------------------------------------------------------------------------------------
+
+
+def run_wrk(url: str, bodies: Path, concurrency: int, duration_s: float) -> dict[str, Any]:
+    argv = [
+        "wrk",
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{max(1, round(duration_s))}s",
+        f"--timeout={WRK_TIMEOUT_S}s",
+        "--latency",
+        "-s",
+        str(LUA_SCRIPT),
+        url,
+        "--",
+        str(bodies),
+    ]
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=duration_s + WRK_TIMEOUT_S + 30, check=False
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("WRK_RESULT "):
+            result: dict[str, Any] = json.loads(line.removeprefix("WRK_RESULT "))
+            return result
+    raise BenchError(f"wrk gave no result (exit {done.returncode}):\n{done.stdout}{done.stderr}")
+
+
+def measure(target: str, url: str, bodies: Path, concurrency: int, duration_s: float) -> LoadResult:
+    raw = run_wrk(url, bodies, concurrency, duration_s)
+    socket_errors = sum(
+        raw[key] for key in ("connect_errors", "read_errors", "write_errors", "timeouts")
+    )
+    return LoadResult(
+        target=target,
+        concurrency=concurrency,
+        rps=raw["requests"] / (raw["duration_us"] / 1e6),
+        p50_ms=raw["p50_us"] / 1000,
+        p99_ms=raw["p99_us"] / 1000,
+        requests=raw["requests"],
+        non2xx=raw["non2xx"],
+        non2xx_codes=raw["non2xx_codes"],
+        socket_errors=socket_errors,
+    )
+
+
+def warm_up(url: str, bodies: Path, concurrency: int) -> None:
+    # Lazily built state (connection pools, pydantic validators, torch's kernels and buffers)
+    # is paid for here, not in the figures.
+    run_wrk(url, bodies, concurrency, WARMUP_S)
+
+
+def report_problems(server: Server) -> None:
+    problems = server.log_problems()
+    if problems:
+        print(f"  note: {server.name} logged problems (first {len(problems)} lines):")
+        for line in problems:
+            print(f"    {line}")
+
+
+# echo ------------------------------------------------------------------------------------------
+
+
+def echo_check(url: str, body: dict[str, Any]) -> Callable[[], None]:
+    def check() -> None:
+        answer = post_json(url, body, timeout=10)
+        if answer.get("output") != body["input"]:
+            raise BenchError(f"unexpected answer from {url}: {answer!r}")
+
+    return check
+
+
+def bench_bare_echo(tmp: Path, bodies: Path, duration_s: float) -> list[LoadResult]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/echo"
+    argv = [sys.executable, str(HERE / "bare_echo.py"), "--port", str(port)]
+    server = Server("bare echo", argv, tmp / "bare_echo.log")
+    return _bench_echo_target(server, "bare", url, bodies, duration_s)
+
+
+def bench_runq_echo(tmp: Path, bodies: Path, duration_s: float) -> list[LoadResult]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1/functions/echo/predict"
+    argv = runq_serve_argv("examples/echo.py", port)
+    server = Server("runq serve examples/echo.py", argv, tmp / "runq_echo.log")
+    return _bench_echo_target(server, "runq", url, bodies, duration_s, ready_port=port)
+
+
+def _bench_echo_target(
+    server: Server,
+    target: str,
+    url: str,
+    bodies: Path,
+    duration_s: float,
+    ready_port: int | None = None,
+) -> list[LoadResult]:
+    body = json.loads(bodies.read_text().splitlines()[0])
+    check = echo_check(url, body)
+    if ready_port is not None:
+        check = _after_readyz(ready_port, check)
+    results = []
+    print(f"  {target}: starting {server.name}", flush=True)
+    with serving(server, check):
+        warm_up(url, bodies, max(CONCURRENCIES))
+        for concurrency in CONCURRENCIES:
+            result = measure(target, url, bodies, concurrency, duration_s)
+            print(f"  {target} c={concurrency}: {result.rps:,.0f} req/s", flush=True)
+            results.append(result)
+    report_problems(server)
+    return results
+
+
+def runq_serve_argv(target: str, port: int) -> list[str]:
+    # The module, not the console script: the same interpreter (and venv) as this harness.
+    return [sys.executable, "-m", "runq", "serve", target, "--port", str(port)]
+
+
+def _after_readyz(port: int, check: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        get_ok(f"http://127.0.0.1:{port}/readyz")
+        check()
+
+    return both
+
+
+def echo_ratios(results: list[LoadResult]) -> list[dict[str, Any]]:
+    by_key = {(r.target, r.concurrency): r for r in results}
+    ratios = []
+    for concurrency in CONCURRENCIES:
+        bare, runq = by_key.get(("bare", concurrency)), by_key.get(("runq", concurrency))
+        if bare is None or runq is None:
+            continue
+        ratios.append(
+            {
+                "concurrency": concurrency,
+                "rps_ratio": runq.rps / bare.rps if bare.rps else 0.0,
+                "added_p50_ms": runq.p50_ms - bare.p50_ms,
+            }
+        )
+    return ratios
+
+
+def print_echo(results: list[LoadResult], ratios: list[dict[str, Any]], duration_s: float) -> None:
+    print(f"\nEcho: bare FastAPI vs runq predict (wrk -t1, {duration_s:g} s per row)")
+    print(_load_table(results))
+    print(f"\n{'conc':>4}  {'runq/bare req/s':>15}  {'added p50 ms':>12}  target")
+    for row in ratios:
+        concurrency, ratio, added = row["concurrency"], row["rps_ratio"], row["added_p50_ms"]
+        target = ""
+        if concurrency == 64:
+            target = _verdict(
+                ratio >= MIN_ECHO_RPS_RATIO_C64, f"req/s >= {MIN_ECHO_RPS_RATIO_C64:.0%} of bare"
+            )
+        elif concurrency == 1:
+            target = _verdict(
+                added <= MAX_ADDED_P50_MS_C1, f"added p50 <= {MAX_ADDED_P50_MS_C1} ms"
+            )
+        print(f"{concurrency:>4}  {ratio:>15.1%}  {added:>12.2f}  {target}".rstrip())
+
+
+def _load_table(results: list[LoadResult]) -> str:
+    header = (
+        f"{'target':<6}  {'conc':>4}  {'req/s':>9}  {'p50 ms':>8}  {'p99 ms':>8}"
+        f"  {'requests':>9}  {'non-2xx':>7}  {'sock err':>8}"
+    )
+    rows = [header]
+    for r in results:
+        non2xx = f"{r.non2xx}" + (f" ({r.non2xx_codes})" if r.non2xx_codes else "")
+        rows.append(
+            f"{r.target:<6}  {r.concurrency:>4}  {r.rps:>9,.0f}  {r.p50_ms:>8.2f}  {r.p99_ms:>8.2f}"
+            f"  {r.requests:>9,}  {non2xx:>7}  {r.socket_errors:>8}"
+        )
+    return "\n".join(rows)
+
+
+def _verdict(ok: bool, target: str) -> str:
+    return f"{'MET ' if ok else 'MISSED'} ({target})"
+
+
+# embed -----------------------------------------------------------------------------------------
+
+
+def bench_offline_embed(sentences_file: Path, duration_s: float) -> dict[str, Any]:
+    argv = [
+        sys.executable,
+        str(HERE / "offline_embed.py"),
+        str(sentences_file),
+        "--duration",
+        str(duration_s),
+        "--batch-size",
+        str(EMBED_BATCH_SIZE),
+    ]
+    done = subprocess.run(
+        argv, cwd=REPO, capture_output=True, text=True, timeout=duration_s + 300, check=False
+    )
+    if done.returncode != 0:
+        raise BenchError(f"offline embedding failed (exit {done.returncode}):\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def embed_check(url: str, body: object) -> Callable[[], None]:
+    def check() -> None:
+        answer = post_json(url, body, timeout=60)
+        output = answer.get("output")
+        if not (isinstance(output, list) and len(output) == 384):
+            raise BenchError(f"unexpected answer from {url}: {str(answer)[:200]}")
+
+    return check
+
+
+def bench_runq_embed(tmp: Path, bodies: Path, duration_s: float) -> LoadResult:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1/functions/embed/predict"
+    argv = runq_serve_argv("examples/embed.py", port)
+    server = Server("runq serve examples/embed.py", argv, tmp / "runq_embed.log")
+    body = json.loads(bodies.read_text().splitlines()[0])
+    check = _after_readyz(port, embed_check(url, body))
+    print(f"  runq: starting {server.name}", flush=True)
+    with serving(server, check):
+        warm_up(url, bodies, EMBED_CONCURRENCY)
+        result = measure("runq", url, bodies, EMBED_CONCURRENCY, duration_s)
+    report_problems(server)
+    return result
+
+
+def print_embed(offline: dict[str, Any] | None, served: LoadResult | None) -> dict[str, Any]:
+    print("\nEmbedding: all-MiniLM-L6-v2 on the CPU, one sentence per request")
+    summary: dict[str, Any] = {}
+    if offline is not None:
+        summary["offline_sentences_per_s"] = offline["sentences_per_s"]
+        print(
+            f"  {'model called directly, batch ' + str(offline['batch_size']) + ':':<34}"
+            f" {offline['sentences_per_s']:>9,.1f} sentences/s"
+        )
+    if served is not None:
+        summary["runq_sentences_per_s"] = served.rps
+        print(
+            f"  {'runq predict, c=' + str(served.concurrency) + ':':<34}"
+            f" {served.rps:>9,.1f} sentences/s   p50 {served.p50_ms:.1f} ms"
+            f"   p99 {served.p99_ms:.1f} ms   non-2xx {served.non2xx}"
+            f"   socket errors {served.socket_errors}"
+        )
+    if offline is not None and served is not None and offline["sentences_per_s"]:
+        ratio = served.rps / offline["sentences_per_s"]
+        summary["ratio"] = ratio
+        verdict = _verdict(ratio >= MIN_EMBED_RATIO, f">= {MIN_EMBED_RATIO:.0%} of direct")
+        print(f"  runq / direct: {ratio:.1%}  {verdict}")
+    return summary
+
+
+# main ------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured run")
+    parser.add_argument("--only", choices=("echo", "embed"), help="run one of the two benchmarks")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    return parser
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    # SIGTERM takes the same path as Ctrl-C, so the servers' `finally` blocks still run.
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.duration <= 0:
+        print("run.py: --duration must be positive", file=sys.stderr)
+        return 2
+    if shutil.which("wrk") is None:
+        print(
+            "run.py: wrk is not on PATH; install it (Debian/Ubuntu: apt-get install -y wrk)",
+            file=sys.stderr,
+        )
+        return 2
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with tempfile.TemporaryDirectory(prefix="runq-bench-") as tmp:
+            results = _run(Path(tmp), args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; servers stopped", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"\nrun.py: {exc}", file=sys.stderr)
+        return 1
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nresults written to {args.json}")
+    return 1 if _had_errors(results) else 0
+
+
+def _run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    sentences = make_sentences(SENTENCE_COUNT, SEED)
+    bodies = write_bodies(tmp / "bodies.jsonl", sentences)
+    results: dict[str, Any] = {"meta": _meta(args.duration, len(sentences))}
+    print(
+        f"runq benchmarks: {os.cpu_count()} CPUs, wrk -t1, {args.duration:g} s per run,"
+        f" {WARMUP_S} s warm-up per server",
+        flush=True,
+    )
+    # Offline first: nothing else may compete with the model for the CPU.
+    offline = None
+    if args.only in (None, "embed"):
+        print("  direct: timing the model in its own process", flush=True)
+        sentences_file = tmp / "sentences.json"
+        sentences_file.write_text(json.dumps(sentences))
+        offline = bench_offline_embed(sentences_file, args.duration)
+    if args.only in (None, "echo"):
+        echo = bench_bare_echo(tmp, bodies, args.duration)
+        echo += bench_runq_echo(tmp, bodies, args.duration)
+        ratios = echo_ratios(echo)
+        print_echo(echo, ratios, args.duration)
+        results["echo"] = {"runs": [asdict(r) for r in echo], "ratios": ratios}
+    if args.only in (None, "embed"):
+        served = bench_runq_embed(tmp, bodies, args.duration)
+        summary = print_embed(offline, served)
+        results["embed"] = {"offline": offline, "runq": asdict(served), **summary}
+    return results
+
+
+def _meta(duration_s: float, sentence_count: int) -> dict[str, Any]:
+    wrk_version = subprocess.run(
+        ["wrk", "--version"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "wrk": wrk_version[0] if wrk_version else "",
+        "duration_s": duration_s,
+        "warmup_s": WARMUP_S,
+        "distinct_inputs": sentence_count,
+    }
+
+
+def _had_errors(results: dict[str, Any]) -> bool:
+    runs = list(results.get("echo", {}).get("runs", []))
+    if "embed" in results:
+        runs.append(results["embed"]["runq"])
+    return any(run["non2xx"] or run["socket_errors"] for run in runs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

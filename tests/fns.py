@@ -1,0 +1,85 @@
+"""Functions the test suite serves. Each shows one behaviour a user relies on."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from pydantic import BaseModel
+from redis import Redis
+
+import runq
+
+# Functions that prove what ran record their inputs here.
+RAN_KEY = "test:ran:{}"
+
+
+def _record(function: str, inputs: list[Any]) -> None:
+    url = os.environ["RUNQ_REDIS_URL"]
+    with Redis.from_url(url) as redis:
+        redis.rpush(RAN_KEY.format(function), *[repr(x) for x in inputs])
+
+
+@runq.function(max_batch_size=8, max_latency_ms=5)
+def echo(inputs: list[Any]) -> list[Any]:
+    return inputs
+
+
+@runq.function(max_batch_size=4, max_latency_ms=200)
+def batches(inputs: list[Any]) -> list[dict[str, Any]]:
+    """Tells each caller how big its batch was."""
+    return [{"value": x, "batch_size": len(inputs)} for x in inputs]
+
+
+@runq.function(max_batch_size=8, max_latency_ms=1)
+def parked(inputs: list[Any]) -> list[Any]:
+    """Has no worker until a test starts one; records what it ran."""
+    _record("parked", inputs)
+    return inputs
+
+
+@runq.function(max_batch_size=8, max_latency_ms=50)
+def fails(inputs: list[str]) -> list[str]:
+    if "boom" in inputs:
+        raise ValueError("cannot digest 'boom'")
+    return inputs
+
+
+@runq.function(max_batch_size=8, max_latency_ms=1)
+def wrong_count(inputs: list[int]) -> list[int]:
+    return [*inputs, 0]
+
+
+@runq.function(batch=False)
+def double(value: int) -> int:
+    return value * 2
+
+
+class Point(BaseModel):
+    x: float
+    y: float
+
+
+@runq.function(max_batch_size=8, max_latency_ms=1)
+def norm(points: list[Point]) -> list[float]:
+    return [(p.x**2 + p.y**2) ** 0.5 for p in points]
+
+
+@runq.function(batch=False, timeout_s=1.5)
+def sleepy(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@runq.function(max_batch_size=1)
+class Stateful:
+    """Loaded once per worker process; keeps state across batches."""
+
+    def setup(self) -> None:
+        self.setups = getattr(self, "setups", 0) + 1
+        self.calls = 0
+
+    def __call__(self, inputs: list[Any]) -> list[dict[str, int]]:
+        self.calls += 1
+        return [{"pid": os.getpid(), "setups": self.setups, "calls": self.calls} for _ in inputs]
