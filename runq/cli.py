@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -114,7 +115,7 @@ def _gateway(args: argparse.Namespace) -> int:
         access_log=False,
         reload=args.reload,
         reload_dirs=[str(_source_dir(args.target))] if args.reload else None,
-        timeout_graceful_shutdown=settings.max_timeout_s,
+        timeout_graceful_shutdown=math.ceil(settings.max_timeout_s),
     )
     return 0
 

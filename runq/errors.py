@@ -60,6 +60,11 @@ class PayloadTooLarge(RunqError):
     code = "payload_too_large"
 
 
+class UnsupportedMediaType(RunqError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
 class ValidationFailed(RunqError):
     status_code = 422
     code = "validation_error"

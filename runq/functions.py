@@ -39,7 +39,7 @@ class Function:
     example: Any = None
 
     def load(self) -> Callable[[Any], Any]:
-        """Instantiates and sets up the model; called once per worker process, never in the gateway."""
+        """Instantiates and sets up the model: once per worker process, never in the gateway."""
         if not inspect.isclass(self.target):
             return self.target
         instance = self.target()
@@ -110,7 +110,7 @@ def function(
 
 
 def _io_types(obj: Callable[..., Any], batch: bool) -> tuple[Any, Any]:
-    call = obj.__call__ if inspect.isclass(obj) else obj  # type: ignore[operator]
+    call = obj.__call__ if inspect.isclass(obj) else obj
     try:
         hints = typing.get_type_hints(call)
     except Exception as exc:

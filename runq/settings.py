@@ -13,11 +13,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from runq.errors import ConfigError
 
 ENV_PREFIX = "RUNQ_"
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 ENV_NESTING = "__"
 # Environment variables runq reads that are not settings fields.
 ENV_CONFIG_FILE = "RUNQ_CONFIG"
@@ -71,6 +79,13 @@ class Settings(BaseModel):
     # Per-function overrides by function name; checked against the declared functions by
     # `function_settings`, so a name or key that matches nothing stops the start.
     functions: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(REDIS_URL_SCHEMES):
+            raise ValueError(f"must start with one of {', '.join(REDIS_URL_SCHEMES)}")
+        return url
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -171,7 +186,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     known_fields = set(Settings.model_fields)
     result: dict[str, Any] = {}
     for key, value in env.items():
-        if not key.startswith(ENV_PREFIX) or key in (ENV_CONFIG_FILE, ENV_TARGET):
+        # An empty variable means unset, as `VAR=` in a compose file or a shell reads.
+        if not key.startswith(ENV_PREFIX) or key in (ENV_CONFIG_FILE, ENV_TARGET) or not value:
             continue
         name = key[len(ENV_PREFIX) :].lower()
         if name.startswith("functions" + ENV_NESTING):

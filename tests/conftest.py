@@ -95,7 +95,9 @@ def redis(valkey_url: str) -> Iterator[Redis]:
 
 
 @pytest.fixture(scope="session")
-def procs(valkey_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Proc]]:
+def procs(
+    valkey_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Proc]]:
     """Starts runq processes against the suite's Valkey; stops what is left at the end."""
     started: list[Proc] = []
     logs = tmp_path_factory.mktemp("logs")
@@ -116,7 +118,9 @@ def procs(valkey_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             proc.stop()
 
 
-def start_gateway(procs: Callable[..., Proc], *extra: str, env: dict[str, str] | None = None) -> str:
+def start_gateway(
+    procs: Callable[..., Proc], *extra: str, env: dict[str, str] | None = None
+) -> str:
     port = free_port()
     proc = procs("gateway", FNS, "--port", str(port), *extra, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -133,7 +137,9 @@ def start_gateway(procs: Callable[..., Proc], *extra: str, env: dict[str, str] |
     return url
 
 
-def start_worker(procs: Callable[..., Proc], redis: Redis, function: str, target: str = FNS) -> Proc:
+def start_worker(
+    procs: Callable[..., Proc], redis: Redis, function: str, target: str = FNS
+) -> Proc:
     before = redis.scard(f"rq:workers:runq.{function}")
     proc = procs("worker", target, "--function", function)
 

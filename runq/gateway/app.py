@@ -59,6 +59,8 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
         title="runq",
         summary="Serverless function-style model serving on a Redis/Valkey queue",
         lifespan=lifespan,
+        # A body with no content type is read as JSON; one that names another type gets a 415.
+        strict_content_type=False,
     )
     app.state.settings = settings
     app.state.served = served

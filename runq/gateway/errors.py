@@ -8,9 +8,10 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
-from runq.errors import BadRequest, RunqError, ValidationFailed
+from runq.errors import BadRequest, RunqError, Unavailable, ValidationFailed
 
 logger = logging.getLogger("runq.gateway")
 
@@ -50,6 +51,12 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _redis_error(_request: Request, exc: Exception) -> JSONResponse:
+    # Redis down or restarting is an outage the caller should retry, not a bug in runq.
+    logger.warning("queue store unreachable: %s", exc)
+    return error_response(Unavailable("the queue store is unreachable; retry shortly"))
+
+
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     # The log keeps the traceback; the body never does.
     logger.error("unhandled error", exc_info=exc)
@@ -63,4 +70,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RunqError, _runq_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RedisError, _redis_error)
     app.add_exception_handler(Exception, _unexpected)

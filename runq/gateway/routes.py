@@ -6,7 +6,7 @@
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, create_model
 from redis.exceptions import RedisError
@@ -18,12 +18,13 @@ from runq.errors import (
     RunqError,
     Timeout,
     Unavailable,
+    UnsupportedMediaType,
     ValidationFailed,
 )
+from runq.functions import Function
 from runq.queue.store import TaskStore, new_task_id
 from runq.queue.tasks import TERMINAL, TaskStatus, deadline_after, error_json
 from runq.queue.waiter import TaskWaiter
-from runq.functions import Function
 from runq.settings import FunctionSettings, Settings
 
 RETRY_AFTER_PENDING_S = 1
@@ -65,6 +66,16 @@ def _waiter(request: Request) -> TaskWaiter:
     return waiter
 
 
+def _json_body(request: Request) -> None:
+    # curl's -d sends a form content type; say so instead of a puzzling schema error.
+    content_type = request.headers.get("content-type", "application/json")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"the body must be JSON sent with content-type: application/json, not {media_type}"
+        )
+
+
 def _checked_timeout(
     value: float | None, default: float | None, settings: Settings, name: str
 ) -> float:
@@ -100,9 +111,11 @@ def _function_routes(app: FastAPI, name: str, entry: Served, settings: Settings)
     async def predict(
         body: request_model,  # type: ignore[valid-type]
         request: Request,
-        timeout: float | None = Query(None, gt=0, description="seconds to wait for the output"),
+        timeout_s: float | None = Query(
+            None, alias="timeout", gt=0, description="seconds to wait for the output"
+        ),
     ) -> Response:
-        wait_s = _checked_timeout(timeout, settings.default_timeout_s, settings, "timeout")
+        wait_s = _checked_timeout(timeout_s, settings.default_timeout_s, settings, "timeout")
         store, waiter = _store(request), _waiter(request)
         task_id = new_task_id()
         future = waiter.expect(task_id)
@@ -143,6 +156,7 @@ def _function_routes(app: FastAPI, name: str, entry: Served, settings: Settings)
         methods=["POST"],
         tags=[tag],
         summary=f"Run {name} and wait for its output",
+        dependencies=[Depends(_json_body)],
         response_model=response_model,
         responses={504: {"description": "timed out; the body names the task id"}},
     )
@@ -153,6 +167,7 @@ def _function_routes(app: FastAPI, name: str, entry: Served, settings: Settings)
         tags=[tag],
         status_code=202,
         summary=f"Submit a background task to {name}",
+        dependencies=[Depends(_json_body)],
         response_model=TaskModel,
     )
     app.add_api_route(f"/v1/functions/{name}", describe, methods=["GET"], tags=[tag])

@@ -20,6 +20,7 @@ from runq.queue.tasks import (
     queued_view,
     result_output,
     task_view,
+    text,
 )
 from runq.settings import FunctionSettings
 
@@ -115,7 +116,8 @@ class TaskStore:
 
     async def function_of(self, task_id: str) -> str | None:
         origin = await self.redis.hget(k.job_key(task_id), "origin")
-        return origin.decode().removeprefix(k.QUEUE_NAME_PREFIX) if origin else None
+        name = text(origin)
+        return name.removeprefix(k.QUEUE_NAME_PREFIX) if name else None
 
     async def delete(self, task_id: str, function: str) -> bool:
         deleted = await self._delete(

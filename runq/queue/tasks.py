@@ -154,3 +154,8 @@ def deadline_after(timeout_s: float | None) -> float | None:
 
 def _timestamp(raw: bytes | None) -> str | None:
     return raw.decode() if raw else None
+
+
+def text(raw: bytes | str | None) -> str | None:
+    """A reply of a command redis-py types as ``bytes | str``; ours decode nothing themselves."""
+    return raw.decode() if isinstance(raw, bytes) else raw

@@ -51,7 +51,7 @@ class Running:
     execution: Execution
 
 
-class BatchWorker(SimpleWorker):  # type: ignore[misc]
+class BatchWorker(SimpleWorker):
     def __init__(self, function: Function, settings: FunctionSettings, connection: Redis) -> None:
         queue = Queue(k.queue_name(function.name), connection=connection, serializer=JSONSerializer)
         super().__init__([queue], connection=connection, serializer=JSONSerializer)
@@ -83,7 +83,7 @@ class BatchWorker(SimpleWorker):  # type: ignore[misc]
                     self.process(claimed)
                 self._maybe_heartbeat()
         finally:
-            self.teardown()
+            super().teardown()
             logger.info("worker %s: stopped after %d batches", self.name, self.batches_run)
 
     def _install_signal_handlers(self) -> None:
@@ -115,10 +115,20 @@ class BatchWorker(SimpleWorker):  # type: ignore[misc]
             # its new state stands instead of the outcome.
             pipe.watch(*keys)
             owned = self._owned(pipe, keys)
-            outcomes = iter(self._execute([t for t, ours in zip(running, owned) if ours]))
+            mine = [task for task, ours in zip(running, owned, strict=True) if ours]
+            outcomes = iter(self._execute(mine))
             results = [next(outcomes) if ours else None for ours in owned]
             self._record(pipe, running, results, owned)
         self.batches_run += 1
+        failed = sum(1 for outcome in results if outcome is not None and not outcome.ok)
+        logger.info(
+            "batch %s of %d: %d succeeded, %d failed, %d canceled meanwhile",
+            self.function.name,
+            len(running),
+            len(running) - failed - owned.count(False),
+            failed,
+            owned.count(False),
+        )
 
     @staticmethod
     def _owned(pipe: Pipeline, keys: list[str]) -> list[bool]:
@@ -207,7 +217,7 @@ class BatchWorker(SimpleWorker):  # type: ignore[misc]
             job.set_status(JobStatus.FAILED, pipeline=pipe)
             job._handle_failure(outcome.traceback, pipeline=pipe, **timing)
             pipe.hset(job.key, mapping={k.ERROR_FIELD: error, "ended_at": utcformat(ended)})
-            pipe.expire(job.key, job.failure_ttl)
+            pipe.expire(job.key, job.failure_ttl or k.DEFAULT_RESULT_TTL_S)
             self.increment_failed_job_count(pipeline=pipe)
             fields[b"status"] = JobStatus.FAILED.value.encode()
             fields[k.ERROR_FIELD.encode()] = error.encode()

@@ -10,7 +10,7 @@ from rq.utils import now, utcformat
 
 from runq.queue import constants as k
 from runq.queue import scripts
-from runq.queue.tasks import TIMED_OUT_CODE, error_json
+from runq.queue.tasks import TIMED_OUT_CODE, error_json, text
 from runq.settings import FunctionSettings
 
 RawHash = dict[bytes, bytes]
@@ -60,8 +60,12 @@ class BatchCollector:
         return claimed
 
     def _blocking_move(self, timeout_s: float) -> str | None:
-        moved = self.connection.blmove(self.queue_key, self.intermediate_key, round(timeout_s, 3))
-        return moved.decode() if moved is not None else None
+        # redis-py types BLMOVE's timeout as int; the server takes fractions of a second, which
+        # the batching window needs.
+        moved = self.connection.execute_command(
+            "BLMOVE", self.queue_key, self.intermediate_key, "LEFT", "RIGHT", round(timeout_s, 3)
+        )
+        return text(moved)
 
     def _claim_batch(self, moved_id: str, more: int) -> Claimed:
         right_now = now()

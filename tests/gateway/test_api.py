@@ -54,7 +54,9 @@ def test_unbatched_function_takes_one_input(client: httpx.Client) -> None:
 
 
 def test_class_is_set_up_once_per_worker(client: httpx.Client) -> None:
-    answers = [client.post("/v1/functions/stateful/predict", json={"input": i}).json() for i in range(3)]
+    answers = [
+        client.post("/v1/functions/stateful/predict", json={"input": i}).json() for i in range(3)
+    ]
     outputs = [a["output"] for a in answers]
     assert {o["pid"] for o in outputs} == {outputs[0]["pid"]}
     assert {o["setups"] for o in outputs} == {1}
@@ -77,7 +79,9 @@ def test_concurrent_predicts_share_batches_within_the_bound(gateway: str) -> Non
 
     async def burst() -> list[dict]:
         async with httpx.AsyncClient(base_url=gateway, timeout=30) as http:
-            calls = [http.post("/v1/functions/batches/predict", json={"input": i}) for i in range(24)]
+            calls = [
+                http.post("/v1/functions/batches/predict", json={"input": i}) for i in range(24)
+            ]
             return [r.json() for r in await asyncio.gather(*calls)]
 
     answers = asyncio.run(burst())
@@ -121,6 +125,23 @@ def test_malformed_body_is_400(client: httpx.Client) -> None:
     )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "bad_request"
+
+
+def test_body_without_content_type_is_read_as_json(client: httpx.Client) -> None:
+    response = client.post("/v1/functions/echo/predict", content=b'{"input": "plain"}')
+    assert response.status_code == 200
+    assert response.json()["output"] == "plain"
+
+
+def test_form_content_type_is_415_naming_json(client: httpx.Client) -> None:
+    # What `curl -d` sends when the user forgets -H 'content-type: application/json'.
+    response = client.post(
+        "/v1/functions/echo/tasks",
+        content=b'{"input": "x"}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 415
+    assert "application/json" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(

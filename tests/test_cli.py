@@ -1,0 +1,131 @@
+"""`runq serve`, `gateway` and `worker` as a user runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import FNS, ROOT, Proc, free_port, wait_until
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid``, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def serve(procs: Callable[..., Proc], target: str, port: int) -> Proc:
+    # No RUNQ_REDIS_URL: serve starts its own embedded Valkey.
+    proc = procs("serve", target, "--port", str(port), env={"RUNQ_REDIS_URL": ""})
+    wait_until(lambda: "runq is serving" in proc.output() or not proc.alive(), 60, "serve")
+    assert proc.alive(), proc.output()
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_answers_then_stops_cleanly_leaving_no_process(
+    procs: Callable[..., Proc], sig: int
+) -> None:
+    port = free_port()
+    proc = serve(procs, f"{FNS}:echo", port)
+    curl = re.search(r"try: curl .* -d '(.*)'", proc.output())
+    assert curl is not None, proc.output()
+    response = httpx.post(
+        f"http://127.0.0.1:{port}/v1/functions/echo/predict", content=curl.group(1)
+    )
+    assert response.json()["output"] == "hello"
+    family = descendants(proc.pid)
+    assert len(family) >= 3  # Valkey, gateway, worker
+    assert proc.stop(sig, timeout_s=30) == 0
+    wait_until(lambda: not any(alive(pid) for pid in family), 10, "every child to exit")
+
+
+def test_serve_echo_batches_64_concurrent_predicts(procs: Callable[..., Proc]) -> None:
+    port = free_port()
+    proc = serve(procs, str(ROOT / "examples" / "echo.py"), port)
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+            url = f"http://127.0.0.1:{port}/v1/functions/echo/predict"
+            return await asyncio.gather(*[http.post(url, json={"input": i}) for i in range(256)])
+
+    responses = asyncio.run(burst())
+    assert sorted(r.json()["output"] for r in responses) == list(range(256))
+    sizes = [int(n) for n in re.findall(r"batch echo of (\d+)", proc.output())]
+    assert sum(sizes) >= 256
+    assert max(sizes) > 1, sizes
+    assert max(sizes) <= 64
+    assert proc.stop() == 0
+
+
+def test_worker_refuses_an_ambiguous_target() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "runq", "worker", FNS, "--redis-url", "redis://127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "choose one with --function" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_gateway_without_redis_url_says_what_is_missing() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "runq", "gateway", FNS],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "RUNQ_REDIS_URL": ""},
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "needs --redis-url or RUNQ_REDIS_URL" in result.stderr
+
+
+def test_unknown_setting_stops_the_start(tmp_path: Path) -> None:
+    config = tmp_path / "runq.yaml"
+    config.write_text("functions:\n  echo:\n    max_batch: 3\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "runq", "serve", FNS, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "max_batch" in result.stderr and "max_batch_size" in result.stderr
