@@ -8,7 +8,7 @@ import inspect
 import re
 import sys
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
@@ -18,7 +18,8 @@ from pydantic import TypeAdapter, ValidationError
 from runq.errors import ConfigError, TargetError
 from runq.settings import FUNCTION_SETTING_NAMES
 
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+# Part of URLs and of RUNQ_FUNCTIONS__<NAME>__<SETTING> variables, so no "__" and no trailing "_".
+NAME_PATTERN = re.compile(r"^(?=.{1,63}$)[a-z][a-z0-9]*(?:[_-][a-z0-9]+)*$")
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,7 +93,8 @@ def function(
         fn_name = name or obj.__name__.lower()
         if not NAME_PATTERN.match(fn_name):
             raise ConfigError(
-                f"function name {fn_name!r} must match {NAME_PATTERN.pattern} (it is part of URLs)"
+                f"function name {fn_name!r} must be 1-63 lowercase letters and digits, words "
+                "joined by single '_' or '-', starting with a letter (it is part of URLs)"
             )
         input_type, output_type = _io_types(obj, batch)
         return Function(
@@ -112,7 +114,8 @@ def function(
 def _io_types(obj: Callable[..., Any], batch: bool) -> tuple[Any, Any]:
     call = obj.__call__ if inspect.isclass(obj) else obj
     try:
-        hints = typing.get_type_hints(call)
+        # include_extras keeps Annotated[..., Field(...)] constraints for input validation.
+        hints = typing.get_type_hints(call, include_extras=True)
     except Exception as exc:
         raise ConfigError(f"cannot resolve the type hints of {obj!r}: {exc}") from None
     params = [
@@ -133,9 +136,11 @@ def _io_types(obj: Callable[..., Any], batch: bool) -> tuple[Any, Any]:
 
 
 def _item_type(obj: Callable[..., Any], hint: Any, what: str) -> Any:
+    if typing.get_origin(hint) is typing.Annotated:
+        hint = typing.get_args(hint)[0]
     if hint is Any:
         return Any
-    if typing.get_origin(hint) in (list, typing.List, typing.Sequence, Iterable):  # noqa: UP006
+    if typing.get_origin(hint) in (list, Sequence, Iterable):
         args = typing.get_args(hint)
         return args[0] if args else Any
     if hint is list:
@@ -147,9 +152,9 @@ def _item_type(obj: Callable[..., Any], hint: Any, what: str) -> Any:
 
 
 def _default_example(input_type: Any) -> Any:
+    if typing.get_origin(input_type) is typing.Annotated:
+        input_type = typing.get_args(input_type)[0]
     base = typing.get_origin(input_type) or input_type
-    if typing.get_origin(base) is typing.Annotated:
-        base = typing.get_args(base)[0]
     return {str: "hello", int: 1, float: 1.0, bool: True, list: [], dict: {}}.get(base, "hello")
 
 

@@ -7,6 +7,7 @@ misspelt setting that is silently ignored is worse than one that stops the start
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -158,7 +159,7 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
     for name, overrides in settings.functions.items():
         for key, value in overrides.items():
             env[f"{ENV_PREFIX}FUNCTIONS{ENV_NESTING}{name.upper()}{ENV_NESTING}{key.upper()}"] = (
-                str(value)
+                json.dumps(value)
             )
     return env
 
@@ -194,7 +195,9 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
             parts = name.split(ENV_NESTING)
             if len(parts) != 3 or not all(parts):
                 raise ConfigError(f"{key}: expected RUNQ_FUNCTIONS__<NAME>__<SETTING>")
-            result.setdefault("functions", {}).setdefault(parts[1], {})[parts[2]] = value
+            result.setdefault("functions", {}).setdefault(parts[1], {})[parts[2]] = _json_or_text(
+                value
+            )
         elif name in known_fields and name != "functions":
             result[name] = value
         else:
@@ -203,6 +206,14 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
                 + ", ".join(sorted(ENV_PREFIX + f.upper() for f in known_fields))
             )
     return result
+
+
+def _json_or_text(value: str) -> Any:
+    # `null` must reach a child process as None (no cap), and numbers keep their type.
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def _deep_merge(into: dict[str, Any], layer: Mapping[str, Any]) -> None:

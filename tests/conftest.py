@@ -119,10 +119,13 @@ def procs(
 
 
 def start_gateway(
-    procs: Callable[..., Proc], *extra: str, env: dict[str, str] | None = None
+    procs: Callable[..., Proc],
+    *extra: str,
+    env: dict[str, str] | None = None,
+    target: str = FNS,
 ) -> str:
     port = free_port()
-    proc = procs("gateway", FNS, "--port", str(port), *extra, env=env)
+    proc = procs("gateway", target, "--port", str(port), *extra, env=env)
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:

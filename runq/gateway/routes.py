@@ -66,7 +66,7 @@ def _waiter(request: Request) -> TaskWaiter:
     return waiter
 
 
-def _json_body(request: Request) -> None:
+async def _json_body(request: Request) -> None:
     # curl's -d sends a form content type; say so instead of a puzzling schema error.
     content_type = request.headers.get("content-type", "application/json")
     media_type = content_type.split(";", 1)[0].strip().lower()
@@ -209,6 +209,7 @@ async def _describe(store: TaskStore, name: str, entry: Served) -> dict[str, Any
     return {
         "name": name,
         "batch": entry.function.batch,
+        "example": entry.function.example,
         "settings": entry.settings.model_dump(),
         "queued": figures.queued,
         "running": figures.running,

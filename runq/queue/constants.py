@@ -38,6 +38,8 @@ TASK_CHANNEL_PREFIX = RUNQ_PREFIX + "task:"
 
 # Idle blocking pops return this often so a worker notices a stop request.
 WORKER_DEQUEUE_TIMEOUT_S = 1
+# How often a worker holding a batching window open looks for batch-mates.
+BATCH_FILL_POLL_S = 0.0005
 # How long a canceled or timed-out-in-queue task stays readable when its function sets nothing.
 DEFAULT_RESULT_TTL_S = 3600
 

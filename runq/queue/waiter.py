@@ -80,8 +80,10 @@ class TaskWaiter:
     ) -> dict[str, Any] | None:
         """The ended task, or its latest state at the timeout (None if it no longer exists)."""
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except TimeoutError:
+            # asyncio.wait leaves the future alone at the timeout and spawns no task.
+            done, _pending = await asyncio.wait((future,), timeout=timeout_s)
+            if done:
+                return future.result()
             return await self._store.read(task_id, with_output=True)
         finally:
             self.forget(task_id, future)

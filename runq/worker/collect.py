@@ -1,4 +1,4 @@
-"""Gathering a batch: the first task blocks, the rest come within max_latency_ms."""
+"""Gathering a batch: the first task blocks, batch-mates join within max_latency_ms."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ class BatchCollector:
         self.intermediate_key = k.intermediate_key(function)
         self.canceled_key = k.canceled_registry_key(function)
         self._claim = connection.register_script(scripts.CLAIM)
+        self._last_batch_size = 0
 
     def collect(self, block_s: float) -> Claimed | None:
         """Blocks up to ``block_s`` for a first task, then fills the batch; None when idle."""
@@ -47,16 +48,22 @@ class BatchCollector:
             return None
         limit = self.settings.max_batch_size
         window_ends = time.monotonic() + self.settings.max_latency_ms / 1000
-        claimed = self._claim_batch(first, limit - 1)
-        while len(claimed.started) < limit:
+        claimed = self._claim_batch(limit - 1, first)
+        # The window stays open only while batch-mates keep arriving, and only under concurrent
+        # load (the last batch had company): a lone request, or a closed group of callers that
+        # are all in this batch already, is not made to wait for tasks that won't come.
+        # Polling, not a blocking pop: Redis times blocked clients out at its `hz` resolution
+        # (100 ms by default), far coarser than a batching window.
+        arriving = self._last_batch_size > 1
+        while arriving and len(claimed.started) < limit:
             remaining = window_ends - time.monotonic()
-            # BLMOVE's timeout has a resolution of 1 ms; below that, stop waiting.
-            if remaining < 0.001:
+            if remaining <= 0:
                 break
-            more = self._blocking_move(remaining)
-            if more is None:
-                break
-            claimed.extend(self._claim_batch(more, limit - len(claimed.started) - 1))
+            time.sleep(min(k.BATCH_FILL_POLL_S, remaining))
+            more = self._claim_batch(limit - len(claimed.started))
+            arriving = bool(more.started or more.expired)
+            claimed.extend(more)
+        self._last_batch_size = len(claimed.started)
         return claimed
 
     def _blocking_move(self, timeout_s: float) -> str | None:
@@ -67,7 +74,7 @@ class BatchCollector:
         )
         return text(moved)
 
-    def _claim_batch(self, moved_id: str, more: int) -> Claimed:
+    def _claim_batch(self, more: int, *moved_ids: str) -> Claimed:
         right_now = now()
         started, expired = self._claim(
             keys=[self.queue_key, self.intermediate_key, self.canceled_key],
@@ -78,7 +85,7 @@ class BatchCollector:
                 right_now.timestamp(),
                 error_json(TIMED_OUT_CODE, "the task's deadline passed before it could start"),
                 k.RQ_JOB_PREFIX,
-                moved_id,
+                *moved_ids,
             ],
         )
         return Claimed(started=_pairs(started), expired=_pairs(expired))
