@@ -155,7 +155,11 @@ def start_worker(
     return proc
 
 
-GATEWAY_ENV = {"RUNQ_MAX_TIMEOUT_S": "30", "RUNQ_MAX_BODY_BYTES": "65536"}
+GATEWAY_ENV = {
+    "RUNQ_MAX_TIMEOUT_S": "30",
+    "RUNQ_MAX_BODY_BYTES": "65536",
+    "RUNQ_FUNCTIONS__PARKED__MAX_QUEUE": "3",
+}
 SERVED = ["echo", "batches", "fails", "wrong_count", "double", "norm", "sleepy", "stateful"]
 
 

@@ -285,6 +285,19 @@ def test_task_whose_deadline_passed_in_the_queue_never_runs(
         worker.stop()
 
 
+@pytest.mark.usefixtures("parked")
+def test_over_max_queue_is_503_queue_full_and_nothing_is_enqueued(
+    client: httpx.Client, redis: Redis
+) -> None:
+    for value in range(3):
+        submit(client, "parked", value)
+    refused = client.post("/v1/functions/parked/tasks", json={"input": "one too many"})
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "queue_full"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert redis.llen(PARKED_QUEUE) == 3
+
+
 # background tasks -----------------------------------------------------------------------------
 
 
@@ -384,6 +397,7 @@ def test_delete_removes_the_task_and_its_records(client: httpx.Client, redis: Re
 # functions, health, docs ----------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("parked")
 @pytest.mark.usefixtures("parked")
 def test_function_detail_shows_live_figures(client: httpx.Client) -> None:
     submit(client, "parked", 1)
