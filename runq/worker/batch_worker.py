@@ -116,15 +116,18 @@ class BatchWorker(SimpleWorker):
             pipe.watch(*keys)
             owned = self._owned(pipe, keys)
             mine = [task for task, ours in zip(running, owned, strict=True) if ours]
+            run_started = time.perf_counter()
             outcomes = iter(self._execute(mine))
+            run_ms = (time.perf_counter() - run_started) * 1000
             results = [next(outcomes) if ours else None for ours in owned]
             self._record(pipe, running, results, owned)
         self.batches_run += 1
         failed = sum(1 for outcome in results if outcome is not None and not outcome.ok)
         logger.info(
-            "batch %s of %d: %d succeeded, %d failed, %d canceled meanwhile",
+            "batch %s of %d ran in %.1f ms: %d succeeded, %d failed, %d canceled meanwhile",
             self.function.name,
             len(running),
+            run_ms,
             len(running) - failed - owned.count(False),
             failed,
             owned.count(False),
