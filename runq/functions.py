@@ -195,9 +195,19 @@ def _import(module_part: str) -> Any:
         spec = importlib.util.spec_from_file_location(path.stem, path)
         if spec is None or spec.loader is None:
             raise TargetError(f"cannot import {module_part}")
+        loaded = sys.modules.get(path.stem)
+        if loaded is not None and getattr(loaded, "__file__", None) != str(path):
+            raise TargetError(
+                f"{module_part}: its name shadows the module {path.stem!r} "
+                f"({getattr(loaded, '__file__', 'built in')}); rename the file"
+            )
         module = importlib.util.module_from_spec(spec)
         sys.modules[path.stem] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[path.stem]
+            raise
         return module
     try:
         return importlib.import_module(module_part)

@@ -158,7 +158,7 @@ def start_worker(
 GATEWAY_ENV = {
     "RUNQ_MAX_TIMEOUT_S": "30",
     "RUNQ_MAX_BODY_BYTES": "65536",
-    "RUNQ_FUNCTIONS__PARKED__MAX_QUEUE": "3",
+    "RUNQ_FUNCTIONS__CAPPED__MAX_QUEUE": "3",
 }
 SERVED = ["echo", "batches", "fails", "wrong_count", "double", "norm", "sleepy", "stateful"]
 

@@ -39,6 +39,12 @@ def parked(inputs: list[Any]) -> list[Any]:
     return inputs
 
 
+@runq.function(max_queue=5)
+def capped(inputs: list[Any]) -> list[Any]:
+    """Never gets a worker: its queue only fills up (the gateway's settings lower the cap to 3)."""
+    return inputs
+
+
 @runq.function(max_batch_size=8, max_latency_ms=50)
 def fails(inputs: list[str]) -> list[str]:
     if "boom" in inputs:

@@ -357,3 +357,17 @@ def test_missing_file_or_module_is_an_error(tmp_path: Path) -> None:
         load_target(str(tmp_path / "absent.py"))
     with pytest.raises(TargetError, match="cannot import 'runq_test_absent_module'"):
         load_target("runq_test_absent_module")
+
+
+def test_file_named_like_an_imported_module_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "json.py", TARGET)
+    with pytest.raises(TargetError, match="shadows the module 'json'"):
+        load_target(str(path))
+    assert sys.modules["json"].__file__ != str(path)
+
+
+def test_file_that_fails_to_import_leaves_no_module_behind(tmp_path: Path) -> None:
+    path = write(tmp_path, "serve_broken.py", "raise RuntimeError('broken at import')\n")
+    with pytest.raises(RuntimeError, match="broken at import"):
+        load_target(str(path))
+    assert "serve_broken" not in sys.modules
