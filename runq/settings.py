@@ -26,11 +26,11 @@ from pydantic import (
 from runq.errors import ConfigError
 
 ENV_PREFIX = "RUNQ_"
-REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 ENV_NESTING = "__"
 # Environment variables runq reads that are not settings fields.
 ENV_CONFIG_FILE = "RUNQ_CONFIG"
 ENV_TARGET = "RUNQ_TARGET"
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class FunctionSettings(BaseModel):

@@ -157,5 +157,5 @@ def _timestamp(raw: bytes | None) -> str | None:
 
 
 def text(raw: bytes | str | None) -> str | None:
-    """A reply of a command redis-py types as ``bytes | str``; ours decode nothing themselves."""
+    """A reply redis-py types as ``bytes | str``: runq's connections never decode responses."""
     return raw.decode() if isinstance(raw, bytes) else raw

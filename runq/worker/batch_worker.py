@@ -119,18 +119,20 @@ class BatchWorker(SimpleWorker):
             run_started = time.perf_counter()
             outcomes = iter(self._execute(mine))
             run_ms = (time.perf_counter() - run_started) * 1000
-            results = [next(outcomes) if ours else None for ours in owned]
-            self._record(pipe, running, results, owned)
+            results = self._record(
+                pipe, running, [next(outcomes) if ours else None for ours in owned]
+            )
         self.batches_run += 1
         failed = sum(1 for outcome in results if outcome is not None and not outcome.ok)
+        canceled = results.count(None)
         logger.info(
             "batch %s of %d ran in %.1f ms: %d succeeded, %d failed, %d canceled meanwhile",
             self.function.name,
             len(running),
             run_ms,
-            len(running) - failed - owned.count(False),
+            len(running) - failed - canceled,
             failed,
-            owned.count(False),
+            canceled,
         )
 
     @staticmethod
@@ -170,30 +172,28 @@ class BatchWorker(SimpleWorker):
             return [failure(TIMED_OUT_CODE, message)] * len(running)
 
     def _record(
-        self,
-        pipe: Pipeline,
-        running: list[Running],
-        outcomes: list[Outcome | None],
-        owned: list[bool],
-    ) -> None:
+        self, pipe: Pipeline, running: list[Running], outcomes: list[Outcome | None]
+    ) -> list[Outcome | None]:
+        """Writes the outcomes (None: the task is no longer ours); returns those written."""
         ended = now()
         keys = [task.job.key for task in running]
         while True:
             try:
                 pipe.multi()
-                for task, outcome, ours in zip(running, outcomes, owned, strict=True):
-                    if ours and outcome is not None:
+                for task, outcome in zip(running, outcomes, strict=True):
+                    if outcome is not None:
                         self._record_one(pipe, task, outcome, ended)
                     self.cleanup_execution(task.job, pipeline=pipe, execution=task.execution)
                 self.set_state(WorkerStatus.IDLE, pipeline=pipe)
                 pipe.execute()
-                return
+                return outcomes
             except WatchError:
                 # A task of this batch was canceled or deleted while it ran: record outcomes
                 # only for tasks still marked started.
                 pipe.reset()
                 pipe.watch(*keys)
-                owned = [a and b for a, b in zip(owned, self._owned(pipe, keys), strict=True)]
+                still = self._owned(pipe, keys)
+                outcomes = [o if ours else None for o, ours in zip(outcomes, still, strict=True)]
 
     def _record_one(self, pipe: Pipeline, task: Running, outcome: Outcome, ended: Any) -> None:
         job, execution = task.job, task.execution

@@ -41,7 +41,7 @@ class BatchCollector:
         self._claim = connection.register_script(scripts.CLAIM)
         self._last_batch_size = 0
 
-    def collect(self, block_s: float) -> Claimed | None:
+    def collect(self, block_s: int) -> Claimed | None:
         """Blocks up to ``block_s`` for a first task, then fills the batch; None when idle."""
         first = self._blocking_move(block_s)
         if first is None:
@@ -66,13 +66,8 @@ class BatchCollector:
         self._last_batch_size = len(claimed.started)
         return claimed
 
-    def _blocking_move(self, timeout_s: float) -> str | None:
-        # redis-py types BLMOVE's timeout as int; the server takes fractions of a second, which
-        # the batching window needs.
-        moved = self.connection.execute_command(
-            "BLMOVE", self.queue_key, self.intermediate_key, "LEFT", "RIGHT", round(timeout_s, 3)
-        )
-        return text(moved)
+    def _blocking_move(self, timeout_s: int) -> str | None:
+        return text(self.connection.blmove(self.queue_key, self.intermediate_key, timeout_s))
 
     def _claim_batch(self, more: int, *moved_ids: str) -> Claimed:
         right_now = now()
