@@ -70,6 +70,12 @@ class ValidationFailed(RunqError):
     code = "validation_error"
 
 
+class IdempotencyConflict(ValidationFailed):
+    """An Idempotency-Key already names a task that was asked with another body."""
+
+    code = "idempotency_conflict"
+
+
 class ModelError(RunqError):
     """The served function raised or broke its batching contract."""
 
@@ -92,6 +98,12 @@ class Unavailable(RunqError):
 
 class QueueFull(Unavailable):
     code = "queue_full"
+
+
+class Overloaded(Unavailable):
+    """The gateway process already holds max_inflight waiting requests."""
+
+    code = "overloaded"
 
 
 class Timeout(RunqError):

@@ -74,6 +74,9 @@ class Settings(BaseModel):
     default_timeout_s: float = Field(30.0, gt=0)
     max_timeout_s: float = Field(300.0, gt=0)
     max_body_bytes: int = Field(1024 * 1024, ge=1)
+    # Requests one gateway process holds while they wait (predict, result?wait=); over it, 503.
+    max_inflight: int = Field(1024, ge=1)
+    idempotency_ttl_s: int = Field(24 * 3600, ge=1)
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"

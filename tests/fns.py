@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pydantic import BaseModel
@@ -11,14 +14,33 @@ from redis import Redis
 
 import runq
 
-# Functions that prove what ran record their inputs here.
+# Functions that prove what ran record their inputs here; CALLS_KEY gets one JSON list per call.
 RAN_KEY = "test:ran:{}"
+CALLS_KEY = "test:calls:{}"
+# `limited` counts its tasks running right now, and the most it ever saw at once.
+RUNNING_KEY = "test:limited:running"
+PEAK_KEY = "test:limited:peak"
+_RAISE_PEAK = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+"""
+
+
+@contextmanager
+def _redis() -> Iterator[Redis]:
+    with Redis.from_url(os.environ["RUNQ_REDIS_URL"]) as redis:
+        yield redis
 
 
 def _record(function: str, inputs: list[Any]) -> None:
-    url = os.environ["RUNQ_REDIS_URL"]
-    with Redis.from_url(url) as redis:
+    with _redis() as redis:
         redis.rpush(RAN_KEY.format(function), *[repr(x) for x in inputs])
+
+
+def _record_call(function: str, inputs: list[Any]) -> None:
+    with _redis() as redis:
+        redis.rpush(CALLS_KEY.format(function), json.dumps(inputs))
 
 
 @runq.function(max_batch_size=8, max_latency_ms=5)
@@ -45,8 +67,15 @@ def capped(inputs: list[Any]) -> list[Any]:
     return inputs
 
 
+@runq.function(max_queue=50)
+def admitted(inputs: list[Any]) -> list[Any]:
+    """Never gets a worker: shows how many tasks admission lets into its queue."""
+    return inputs
+
+
 @runq.function(max_batch_size=8, max_latency_ms=50)
 def fails(inputs: list[str]) -> list[str]:
+    _record_call("fails", inputs)
     if "boom" in inputs:
         raise ValueError("cannot digest 'boom'")
     return inputs
@@ -89,3 +118,28 @@ class Stateful:
     def __call__(self, inputs: list[Any]) -> list[dict[str, int]]:
         self.calls += 1
         return [{"pid": os.getpid(), "setups": self.setups, "calls": self.calls} for _ in inputs]
+
+
+@runq.function(max_batch_size=2, max_concurrency=3, timeout_s=10)
+def limited(seconds: list[float]) -> list[float]:
+    """Measures from inside how many of its tasks run at once, across all its workers."""
+    with _redis() as redis:
+        running = redis.incrby(RUNNING_KEY, len(seconds))
+        redis.eval(_RAISE_PEAK, 1, PEAK_KEY, running)
+        time.sleep(max(seconds))
+        redis.decrby(RUNNING_KEY, len(seconds))
+    return seconds
+
+
+@runq.function(max_batch_size=3, max_latency_ms=1)
+def ordered(inputs: list[str]) -> list[str]:
+    """Has no worker until a test starts one; records each batch in the order it ran."""
+    _record_call("ordered", inputs)
+    return inputs
+
+
+@runq.function(batch=False, max_concurrency=1, timeout_s=60)
+def solo(seconds: float) -> float:
+    """One task at a time across all its workers."""
+    time.sleep(seconds)
+    return seconds

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from runq.errors import ConfigError
 from runq.functions import Function, load_target
 from runq.gateway import errors, routes
-from runq.gateway.limits import BodySizeLimit
+from runq.gateway.limits import BodySizeLimit, InflightLimit
 from runq.gateway.routes import Served
 from runq.queue.store import TaskStore
 from runq.queue.waiter import TaskWaiter
@@ -42,7 +42,7 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
             redis_url, max_connections=REDIS_POOL_SIZE, timeout=REDIS_POOL_WAIT_S
         )
         redis = aioredis.Redis(connection_pool=pool)
-        store = TaskStore(redis, redis_url)
+        store = TaskStore(redis, redis_url, idempotency_ttl_s=settings.idempotency_ttl_s)
         waiter = TaskWaiter(redis, store)
         await waiter.start()
         app.state.redis = redis
@@ -64,6 +64,7 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
     )
     app.state.settings = settings
     app.state.served = served
+    app.state.inflight = InflightLimit(settings.max_inflight)
     errors.install(app)
     routes.install(app, served, settings)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)

@@ -1,12 +1,43 @@
-"""Request body size limit, enforced while the body streams in, before anything buffers it."""
+"""Limits that protect a gateway process: request body size, and how many callers may wait."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runq.errors import BadRequest, PayloadTooLarge, RunqError
+from runq.errors import BadRequest, Overloaded, PayloadTooLarge, RunqError
+
+# A waiting request holds little (a future, an open socket), but a gateway that accepts them
+# without bound is one that runs out of sockets and memory under a stampede.
+OVERLOADED_RETRY_AFTER_S = 1
+
+
+class InflightLimit:
+    """Caps the requests one gateway process holds while they wait for tasks to end.
+
+    The event loop is single-threaded, so a plain counter is exact.
+    """
+
+    def __init__(self, max_inflight: int) -> None:
+        self.max_inflight = max_inflight
+        self.waiting = 0
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if self.waiting >= self.max_inflight:
+            raise Overloaded(
+                f"this gateway process already has {self.max_inflight} requests waiting "
+                "(max_inflight); retry shortly or submit a background task",
+                retry_after_s=OVERLOADED_RETRY_AFTER_S,
+            )
+        self.waiting += 1
+        try:
+            yield
+        finally:
+            self.waiting -= 1
 
 
 class BodySizeLimit:

@@ -3,12 +3,14 @@
 # No `from __future__ import annotations`: FastAPI must see the per-function body models that
 # the route closures annotate with, not their names.
 
+import hashlib
+import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from redis.exceptions import RedisError
 
 from runq.errors import (
@@ -22,12 +24,20 @@ from runq.errors import (
     ValidationFailed,
 )
 from runq.functions import Function
-from runq.queue.store import TaskStore, new_task_id
-from runq.queue.tasks import TERMINAL, TaskStatus, deadline_after, error_json
+from runq.gateway.limits import InflightLimit
+from runq.queue import constants as k
+from runq.queue.store import Admission, Admitted, TaskStore, new_task_id
+from runq.queue.tasks import TERMINAL, TaskStatus, error_json
 from runq.queue.waiter import TaskWaiter
 from runq.settings import FunctionSettings, Settings
 
 RETRY_AFTER_PENDING_S = 1
+# Idempotency keys are caller-chosen; Stripe and the IETF draft both stay within 255 characters.
+IDEMPOTENCY_KEY_MAX_CHARS = 255
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+Priority = Literal["high", "normal", "low"]
+OnTimeout = Literal["error", "poll"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,7 @@ class TaskModel(BaseModel):
 
     id: str
     function: str
+    priority: Priority
     status: TaskStatus
     created_at: str | None
     started_at: str | None
@@ -64,6 +75,29 @@ def _store(request: Request) -> TaskStore:
 def _waiter(request: Request) -> TaskWaiter:
     waiter: TaskWaiter = request.app.state.waiter
     return waiter
+
+
+def _inflight(request: Request) -> InflightLimit:
+    inflight: InflightLimit = request.app.state.inflight
+    return inflight
+
+
+def _idempotency_key(
+    key: str | None = Header(
+        None,
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=IDEMPOTENCY_KEY_MAX_CHARS,
+        description="the same key within its TTL answers with the same task",
+    ),
+) -> str | None:
+    return key
+
+
+def _body_digest(body: BaseModel) -> str:
+    # The validated body, canonically encoded: the same request always has the same digest.
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 async def _json_body(request: Request) -> None:
@@ -97,10 +131,29 @@ def _task_response(task: dict[str, Any], status_code: int = 200, **headers: str)
 def _function_routes(app: FastAPI, name: str, entry: Served, settings: Settings) -> None:
     fn = entry.function
     title = "".join(part.capitalize() for part in name.replace("-", "_").split("_"))
-    request_model = create_model(
-        f"{title}Request",
+    priority_field: tuple[Any, Any] = (
+        Priority,
+        Field(k.DEFAULT_PRIORITY, description="higher priority tasks always run first"),
+    )
+    predict_model = create_model(
+        f"{title}Predict",
         __config__=ConfigDict(extra="forbid"),
         input=(fn.input_type, ...),
+        priority=priority_field,
+    )
+    submit_model = create_model(
+        f"{title}Submit",
+        __config__=ConfigDict(extra="forbid"),
+        input=(fn.input_type, ...),
+        priority=priority_field,
+        timeout_s=(
+            float | None,
+            Field(None, gt=0, description="seconds from submission by which the task must end"),
+        ),
+        ttl_s=(
+            float | None,
+            Field(None, gt=0, description="seconds it may wait queued; then timed_out, never run"),
+        ),
     )
     response_model = create_model(
         f"{title}Task", __base__=TaskModel, output=(fn.output_type | None, None)
@@ -108,44 +161,69 @@ def _function_routes(app: FastAPI, name: str, entry: Served, settings: Settings)
     adapter = fn.input_adapter
     tag = f"function: {name}"
 
+    def payload(body: Any) -> Any:
+        return adapter.dump_python(body.input, mode="json")
+
     async def predict(
-        body: request_model,  # type: ignore[valid-type]
+        body: predict_model,  # type: ignore[valid-type]
         request: Request,
         timeout_s: float | None = Query(
             None, alias="timeout", gt=0, description="seconds to wait for the output"
         ),
+        on_timeout: Annotated[
+            OnTimeout,
+            Query(
+                description="at the timeout: 504 (error; a task not started yet is withdrawn), "
+                "or 202 with the task to poll, which goes on (poll)"
+            ),
+        ] = "error",
+        idempotency_key: str | None = Depends(_idempotency_key),
     ) -> Response:
         wait_s = _checked_timeout(timeout_s, settings.default_timeout_s, settings, "timeout")
+        poll = on_timeout == "poll"
         store, waiter = _store(request), _waiter(request)
-        task_id = new_task_id()
-        future = waiter.expect(task_id)
-        try:
-            await store.enqueue(
-                name,
-                entry.settings,
-                adapter.dump_python(body.input, mode="json"),  # type: ignore[attr-defined]
-                deadline=deadline_after(wait_s),
-                reply_to=waiter.reply_channel,
-                task_id=task_id,
+        admission = Admission(
+            priority=body.priority,  # type: ignore[attr-defined]
+            # A caller who will poll still wants the task run after the wait ends.
+            start_within_s=None if poll else wait_s,
+            reply_to=waiter.reply_channel,
+            idempotency_key=idempotency_key,
+            body_digest=_body_digest(body),
+        )
+        with _inflight(request).hold():
+            admitted, task = await _admit_and_wait(
+                store, waiter, name, entry.settings, payload(body), admission, wait_s
             )
-        except BaseException:
-            waiter.forget(task_id, future)
-            raise
-        task = await waiter.wait(task_id, future, wait_s)
-        return await _predict_answer(store, task_id, name, task, wait_s)
+        return await _predict_answer(store, admitted, task, wait_s, poll=poll)
 
     async def submit(
-        body: request_model,  # type: ignore[valid-type]
+        body: submit_model,  # type: ignore[valid-type]
         request: Request,
+        idempotency_key: str | None = Depends(_idempotency_key),
     ) -> Response:
-        task = await _store(request).enqueue(
+        timeout, ttl = body.timeout_s, body.ttl_s  # type: ignore[attr-defined]
+        store = _store(request)
+        admitted = await store.enqueue(
             name,
             entry.settings,
-            adapter.dump_python(body.input, mode="json"),  # type: ignore[attr-defined]
-            deadline=None,
-            reply_to=None,
+            payload(body),
+            Admission(
+                priority=body.priority,  # type: ignore[attr-defined]
+                start_within_s=min(x for x in (timeout, ttl, float("inf")) if x is not None)
+                if timeout or ttl
+                else None,
+                finish_within_s=timeout,
+                idempotency_key=idempotency_key,
+                body_digest=_body_digest(body),
+            ),
         )
-        return _task_response(task, 202, Location=f"/v1/tasks/{task['id']}")
+        task = admitted.task or await store.read(admitted.task_id, with_output=False)
+        if task is None:
+            raise NotFound(f"task {admitted.task_id} was deleted as it was replayed")
+        headers = {"Location": f"/v1/tasks/{task['id']}"}
+        if admitted.replayed:
+            headers[REPLAYED_HEADER] = "true"
+        return _task_response(task, 202, **headers)
 
     async def describe(request: Request) -> dict[str, Any]:
         return await _describe(_store(request), name, entry)
@@ -158,7 +236,11 @@ def _function_routes(app: FastAPI, name: str, entry: Served, settings: Settings)
         summary=f"Run {name} and wait for its output",
         dependencies=[Depends(_json_body)],
         response_model=response_model,
-        responses={504: {"description": "timed out; the body names the task id"}},
+        responses={
+            202: {"description": "on_timeout=poll and not done yet: poll the task's result"},
+            503: {"description": "queue_full or overloaded; retry after Retry-After"},
+            504: {"description": "timed out; the body names the task id"},
+        },
     )
     app.add_api_route(
         f"/v1/functions/{name}/tasks",
@@ -169,39 +251,93 @@ def _function_routes(app: FastAPI, name: str, entry: Served, settings: Settings)
         summary=f"Submit a background task to {name}",
         dependencies=[Depends(_json_body)],
         response_model=TaskModel,
+        responses={503: {"description": "queue_full; retry after Retry-After"}},
     )
     app.add_api_route(f"/v1/functions/{name}", describe, methods=["GET"], tags=[tag])
 
 
+async def _admit_and_wait(
+    store: TaskStore,
+    waiter: TaskWaiter,
+    function: str,
+    settings: FunctionSettings,
+    payload: Any,
+    admission: Admission,
+    wait_s: float,
+) -> tuple[Admitted, dict[str, Any] | None]:
+    task_id = new_task_id()
+    # Listen before enqueueing, so a task that ends at once is not missed.
+    future = waiter.expect(task_id)
+    try:
+        admitted = await store.enqueue(function, settings, payload, admission, task_id=task_id)
+    except BaseException:
+        waiter.forget(task_id, future)
+        raise
+    if admitted.replayed:
+        # The key's task answers on its first caller's reply channel, maybe on another gateway.
+        waiter.forget(task_id, future)
+        return admitted, await waiter.wait_any(admitted.task_id, wait_s)
+    return admitted, await waiter.wait(task_id, future, wait_s)
+
+
 async def _predict_answer(
-    store: TaskStore, task_id: str, function: str, task: dict[str, Any] | None, wait_s: float
+    store: TaskStore,
+    admitted: Admitted,
+    task: dict[str, Any] | None,
+    wait_s: float,
+    *,
+    poll: bool,
 ) -> Response:
+    task_id = admitted.task_id
     if task is None:
         raise NotFound(f"task {task_id} was deleted while it was waited on", task_id=task_id)
     status = task["status"]
     if status == TaskStatus.SUCCEEDED:
-        return _task_response(task)
+        return _replayed(_task_response(task), admitted)
     if status not in TERMINAL:
-        # Nothing finished in time: a task that never started is withdrawn, a running one goes
-        # on and stays readable at /v1/tasks/{id}/result.
-        before = await store.cancel(
-            task_id,
-            function,
-            only_if_queued=True,
-            error=error_json("canceled", f"predict timed out after {wait_s} s before it started"),
-        )
-        started = before != "queued"
-        raise Timeout(
-            f"task {task_id} did not finish within {wait_s} s"
-            + ("; it is still running" if started else "; it never started and was canceled"),
-            task_id=task_id,
-        )
+        if poll:
+            return _replayed(
+                _task_response(
+                    task,
+                    202,
+                    Location=f"/v1/tasks/{task_id}/result",
+                    **{"Retry-After": str(RETRY_AFTER_PENDING_S)},
+                ),
+                admitted,
+            )
+        raise Timeout(await _give_up(store, task, admitted, wait_s), task_id=task_id)
     error = task.get("error") or {}
     if status == TaskStatus.FAILED:
         raise ModelError(error.get("message", "the function failed"), task_id=task_id)
     if status == TaskStatus.TIMED_OUT:
         raise Timeout(error.get("message", "the task timed out"), task_id=task_id)
     raise Conflict(error.get("message", f"task {task_id} was canceled"), task_id=task_id)
+
+
+async def _give_up(
+    store: TaskStore, task: dict[str, Any], admitted: Admitted, wait_s: float
+) -> str:
+    """Withdraws a timed-out predict's task if it never started; says what became of it."""
+    task_id = task["id"]
+    message = f"task {task_id} did not finish within {wait_s} s"
+    if admitted.replayed:
+        # The key's first caller owns the task; a replay only stops waiting for it.
+        return message
+    before = await store.cancel(
+        task_id,
+        k.queue_name(task["function"], task["priority"]),
+        only_if_queued=True,
+        error=error_json("canceled", f"predict timed out after {wait_s} s before it started"),
+    )
+    if before == "queued":
+        return message + "; it never started and was canceled"
+    return message + "; it is still running"
+
+
+def _replayed(response: Response, admitted: Admitted) -> Response:
+    if admitted.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
+    return response
 
 
 async def _describe(store: TaskStore, name: str, entry: Served) -> dict[str, Any]:
@@ -260,7 +396,8 @@ def _generic_routes(app: FastAPI, served: dict[str, Served], settings: Settings)
     ) -> Response:
         wait_s = _checked_timeout(wait, None, settings, "wait")
         if wait_s > 0:
-            task = await _waiter(request).wait_any(task_id, wait_s)
+            with _inflight(request).hold():
+                task = await _waiter(request).wait_any(task_id, wait_s)
             if task is None:
                 raise NotFound(f"no task {task_id}")
         else:
@@ -272,11 +409,11 @@ def _generic_routes(app: FastAPI, served: dict[str, Served], settings: Settings)
     @app.post("/v1/tasks/{task_id}/cancel", tags=["tasks"], response_model=TaskModel)
     async def cancel_task(task_id: str, request: Request) -> Response:
         store = _store(request)
-        function = await store.function_of(task_id)
-        if function is None:
+        queue = await store.queue_of(task_id)
+        if queue is None:
             raise NotFound(f"no task {task_id}")
         before = await store.cancel(
-            task_id, function, only_if_queued=False, error=error_json("canceled", "canceled")
+            task_id, queue, only_if_queued=False, error=error_json("canceled", "canceled")
         )
         task = await task_or_404(store, task_id, with_output=False)
         if before not in ("queued", "started"):
@@ -286,8 +423,8 @@ def _generic_routes(app: FastAPI, served: dict[str, Served], settings: Settings)
     @app.delete("/v1/tasks/{task_id}", tags=["tasks"], status_code=204)
     async def delete_task(task_id: str, request: Request) -> Response:
         store = _store(request)
-        function = await store.function_of(task_id)
-        if function is None or not await store.delete(task_id, function):
+        queue = await store.queue_of(task_id)
+        if queue is None or not await store.delete(task_id, queue):
             raise NotFound(f"no task {task_id}")
         return Response(status_code=204)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from rq.defaults import RQ_KEY_PREFIX
 from rq.executions import ExecutionRegistry
-from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.queue import Queue
 from rq.registry import (
@@ -23,10 +22,16 @@ from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 RUNQ_PREFIX = "runq:"
 QUEUE_NAME_PREFIX = "runq."
 
+# Task priorities, highest first. Each is its own RQ queue, so RQ's tools count them apart; the
+# normal one is named after the function alone.
+PRIORITIES = ("high", "normal", "low")
+DEFAULT_PRIORITY = "normal"
+
 # RQ keys: the worker's pipelines and the gateway's Lua scripts must agree with RQ on these.
 RQ_QUEUES_KEY = Queue.redis_queues_keys
 RQ_JOB_PREFIX = Job.redis_job_namespace_prefix
 RQ_EXECUTION_PREFIX = RQ_KEY_PREFIX + ":execution:"
+RQ_CANCELED_PREFIX = CanceledJobRegistry.key_template.format("")
 
 # Hash fields runq adds to RQ's job hash; RQ ignores fields it does not know.
 ERROR_FIELD = "runq_error"
@@ -36,7 +41,28 @@ REPLY_CHANNEL_PREFIX = RUNQ_PREFIX + "reply:"
 # A task's own channel: its id is published here when it ends, for long-polls on any gateway.
 TASK_CHANNEL_PREFIX = RUNQ_PREFIX + "task:"
 
-# Idle blocking pops return this often so a worker notices a stop request.
+# A function's wake list: enqueue pushes a token, idle workers block on it. Tokens are hints
+# (the queues are the truth), so the list is capped and cleared once the queues are empty.
+WAKE_PREFIX = RUNQ_PREFIX + "wake:"
+WAKE_TOKENS_MAX = 64
+# A function's leases: sorted set of running task ids scored by lease expiry (epoch s). Workers
+# renew their tasks' leases while they run; a crashed worker's leases lapse, and with them its
+# share of max_concurrency.
+LEASES_PREFIX = RUNQ_PREFIX + "leases:"
+LEASE_TTL_S = 8.0
+LEASE_RENEW_INTERVAL_S = 2.0
+# A function's slot list: a worker that ends a batch of a concurrency-capped function pushes a
+# token, waking a worker that found every slot taken. Hints too, capped like the wake list.
+SLOTS_PREFIX = RUNQ_PREFIX + "slots:"
+# A function's drain rate: hash {rate, at}, an exponentially decayed count of tasks taken off
+# its queues per second, kept by the claim script; it sizes Retry-After when the queue is full.
+DRAIN_PREFIX = RUNQ_PREFIX + "drain:"
+DRAIN_RATE_WINDOW_S = 10.0
+DRAIN_TTL_S = 24 * 3600
+# Idempotency keys, per function, holding {task, body} (the body's digest).
+IDEMPOTENCY_PREFIX = RUNQ_PREFIX + "idem:"
+
+# Idle blocking pops return this often so a worker notices a stop request or a lapsed lease.
 WORKER_DEQUEUE_TIMEOUT_S = 1
 # How often a worker holding a batching window open looks for batch-mates.
 BATCH_FILL_POLL_S = 0.0005
@@ -44,16 +70,48 @@ BATCH_FILL_POLL_S = 0.0005
 DEFAULT_RESULT_TTL_S = 3600
 
 
-def queue_name(function: str) -> str:
-    return QUEUE_NAME_PREFIX + function
+def queue_name(function: str, priority: str = DEFAULT_PRIORITY) -> str:
+    suffix = "" if priority == DEFAULT_PRIORITY else "." + priority
+    return QUEUE_NAME_PREFIX + function + suffix
 
 
-def queue_key(function: str) -> str:
-    return Queue.redis_queue_namespace_prefix + queue_name(function)
+# Function names never hold a dot: "runq.<function>[.<priority>]" splits one way only.
+def function_of_queue(name: str) -> str:
+    return name.removeprefix(QUEUE_NAME_PREFIX).partition(".")[0]
 
 
-def intermediate_key(function: str) -> str:
-    return IntermediateQueue.get_intermediate_queue_key(queue_key(function))
+def priority_of_queue(name: str) -> str:
+    _, dot, priority = name.removeprefix(QUEUE_NAME_PREFIX).partition(".")
+    return priority if dot else DEFAULT_PRIORITY
+
+
+def queue_key(queue: str) -> str:
+    return Queue.redis_queue_namespace_prefix + queue
+
+
+def queue_keys(function: str) -> list[str]:
+    """The function's queue lists, highest priority first."""
+    return [queue_key(queue_name(function, priority)) for priority in PRIORITIES]
+
+
+def wake_key(function: str) -> str:
+    return WAKE_PREFIX + function
+
+
+def leases_key(function: str) -> str:
+    return LEASES_PREFIX + function
+
+
+def slots_key(function: str) -> str:
+    return SLOTS_PREFIX + function
+
+
+def drain_key(function: str) -> str:
+    return DRAIN_PREFIX + function
+
+
+def idempotency_key(function: str, key_digest: str) -> str:
+    return f"{IDEMPOTENCY_PREFIX}{function}:{key_digest}"
 
 
 def job_key(task_id: str) -> str:
@@ -68,20 +126,20 @@ def executions_key(task_id: str) -> str:
     return str(ExecutionRegistry.key_template.format(task_id))
 
 
-def started_registry_key(function: str) -> str:
-    return StartedJobRegistry.key_template.format(queue_name(function))
+def started_registry_key(queue: str) -> str:
+    return StartedJobRegistry.key_template.format(queue)
 
 
-def finished_registry_key(function: str) -> str:
-    return FinishedJobRegistry.key_template.format(queue_name(function))
+def finished_registry_key(queue: str) -> str:
+    return FinishedJobRegistry.key_template.format(queue)
 
 
-def failed_registry_key(function: str) -> str:
-    return FailedJobRegistry.key_template.format(queue_name(function))
+def failed_registry_key(queue: str) -> str:
+    return FailedJobRegistry.key_template.format(queue)
 
 
-def canceled_registry_key(function: str) -> str:
-    return CanceledJobRegistry.key_template.format(queue_name(function))
+def canceled_registry_key(queue: str) -> str:
+    return CanceledJobRegistry.key_template.format(queue)
 
 
 def workers_key(function: str) -> str:

@@ -6,20 +6,75 @@ JobStatus), so RQ's own tools keep reading them.
 
 from __future__ import annotations
 
-# Admission: check the queue cap and enqueue in one step, so any number of gateways together
-# never push a queue past max_queue.
-# KEYS[1] queue list, KEYS[2] job hash, KEYS[3] RQ's set of queue keys
-# ARGV[1] max_queue, ARGV[2] queue key, ARGV[3] task id, ARGV[4..] job hash field/value pairs
-# Returns 1 when enqueued, 0 when the queue was full (nothing written).
-ENQUEUE = """
-if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then
-  return 0
+# Server time in epoch seconds: deadlines, leases and the drain rate are all read against the
+# Redis server's clock, so gateways and workers on hosts whose clocks disagree still agree.
+_SERVER_NOW = """
+local function server_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-redis.call('HSET', KEYS[2], unpack(ARGV, 4))
-redis.call('RPUSH', KEYS[1], ARGV[3])
-redis.call('SADD', KEYS[3], ARGV[2])
-return 1
 """
+
+# The drain rate decayed to `now`: an exponentially weighted count of tasks per second.
+_DRAIN_RATE = """
+local function drain_rate(key, now, window)
+  local drain = redis.call('HMGET', key, 'rate', 'at')
+  if not drain[1] then
+    return 0
+  end
+  return tonumber(drain[1]) * math.exp((tonumber(drain[2]) - now) / window)
+end
+"""
+
+# Admission: replay an idempotency key, or check the queue cap and enqueue, in one step, so any
+# number of gateways together never push a function past max_queue.
+# KEYS[1] the task's queue list, KEYS[2] its job hash, KEYS[3] RQ's set of queue keys,
+# KEYS[4..6] the function's queue lists (every priority), KEYS[7] wake list, KEYS[8] drain hash,
+# KEYS[9] idempotency key (absent: none)
+# ARGV[1] max_queue, ARGV[2] task id, ARGV[3] drain window s, ARGV[4] idempotency TTL s,
+# ARGV[5] body digest, ARGV[6] prefix of job hash keys ("rq:job:"), ARGV[7] wake tokens max,
+# ARGV[8] seconds from now it must start by ('' none), ARGV[9] seconds from now it must end by
+# ('' none), ARGV[10..] job hash field/value pairs
+# Returns {1, id} enqueued; {0, drain rate} the queue was full (nothing written); {2, id} the
+# key's task, same body; {3, id} the key's task, another body.
+ENQUEUE = (
+    _SERVER_NOW
+    + _DRAIN_RATE
+    + """
+local idempotency = KEYS[9]
+if idempotency then
+  local held = redis.call('HMGET', idempotency, 'task', 'body')
+  if held[1] and redis.call('EXISTS', ARGV[6] .. held[1]) == 1 then
+    if held[2] == ARGV[5] then
+      return {2, held[1]}
+    end
+    return {3, held[1]}
+  end
+end
+local now = server_now()
+local queued = redis.call('LLEN', KEYS[4]) + redis.call('LLEN', KEYS[5])
+  + redis.call('LLEN', KEYS[6])
+if queued >= tonumber(ARGV[1]) then
+  return {0, tostring(drain_rate(KEYS[8], now, tonumber(ARGV[3])))}
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 10))
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[2], 'runq_deadline', tostring(now + tonumber(ARGV[8])))
+end
+if ARGV[9] ~= '' then
+  redis.call('HSET', KEYS[2], 'runq_finish_by', tostring(now + tonumber(ARGV[9])))
+end
+redis.call('RPUSH', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[3], KEYS[1])
+redis.call('LPUSH', KEYS[7], '1')
+redis.call('LTRIM', KEYS[7], 0, tonumber(ARGV[7]) - 1)
+if idempotency then
+  redis.call('HSET', idempotency, 'task', ARGV[2], 'body', ARGV[5])
+  redis.call('EXPIRE', idempotency, tonumber(ARGV[4]))
+end
+return {1, ARGV[2]}
+"""
+)
 
 # Cancel a task that has not ended. A running task is marked canceled at once; the worker that
 # runs it sees the change (WATCH) and leaves the status alone when its batch ends. Waiters hear
@@ -73,40 +128,58 @@ redis.call('ZREM', KEYS[8], ARGV[1])
 return 1
 """
 
-# A worker claims a batch: takes up to ARGV[1] more ids off the queue and marks every still-queued
-# task started. Tasks whose deadline has passed are ended here, never started.
-# KEYS[1] queue list, KEYS[2] intermediate list (holds ids a blocking BLMOVE took),
-# KEYS[3] canceled registry
-# ARGV[1] how many ids to pop from the queue, ARGV[2] worker name, ARGV[3] now (RQ's format),
-# ARGV[4] now (epoch s), ARGV[5] runq error JSON for tasks past their deadline,
-# ARGV[6] prefix of job hash keys ("rq:job:"), ARGV[7..] ids already moved to the intermediate list
-# Returns {started, expired}: started is a list of {id, flat job hash}, expired a list of
-# {id, flat job hash}; canceled or deleted tasks are skipped.
-CLAIM = """
-local ids = {}
-for i = 7, #ARGV do
-  redis.call('LREM', KEYS[2], 1, ARGV[i])
-  ids[#ids + 1] = ARGV[i]
-end
+# A worker claims a batch: takes up to ARGV[1] ids off the function's queues, highest priority
+# first, and marks every still-queued task started under a lease. max_concurrency counts live
+# leases across all workers; lapsed ones (a crashed worker's) no longer hold a slot. Tasks whose
+# deadline has passed are ended here, never started.
+# KEYS[1..3] the function's queue lists, highest priority first, KEYS[4] leases, KEYS[5] wake
+# list, KEYS[6] drain hash
+# ARGV[1] most tasks to take, ARGV[2] worker name, ARGV[3] now (RQ's time format, for display),
+# ARGV[4] runq error JSON for tasks past their deadline, ARGV[5] prefix of job hash keys
+# ("rq:job:"), ARGV[6] prefix of canceled registries ("rq:canceled:"), ARGV[7] max_concurrency
+# (0: no cap), ARGV[8] lease TTL s, ARGV[9] drain window s, ARGV[10] drain key TTL s
+# Returns {started, expired, at_capacity, server now}: started and expired are lists of
+# {id, flat job hash}; canceled or deleted tasks are skipped; at_capacity is 1 when every
+# concurrency slot was taken.
+CLAIM = (
+    _SERVER_NOW
+    + _DRAIN_RATE
+    + """
+local now = server_now()
 local wanted = tonumber(ARGV[1])
-if wanted > 0 then
-  local popped = redis.call('LPOP', KEYS[1], wanted)
+local cap = tonumber(ARGV[7])
+local at_capacity = 0
+if cap > 0 then
+  local free = cap - redis.call('ZCOUNT', KEYS[4], '(' .. tostring(now), '+inf')
+  if free <= 0 then
+    at_capacity = 1
+  end
+  wanted = math.max(math.min(wanted, free), 0)
+end
+local ids = {}
+for q = 1, 3 do
+  local need = wanted - #ids
+  if need <= 0 then
+    break
+  end
+  local popped = redis.call('LPOP', KEYS[q], need)
   if popped then
     for _, id in ipairs(popped) do
       ids[#ids + 1] = id
     end
   end
 end
-local now = tonumber(ARGV[4])
+local lease_until = now + tonumber(ARGV[8])
 local started, expired = {}, {}
 for _, id in ipairs(ids) do
-  local key = ARGV[6] .. id
+  local key = ARGV[5] .. id
   if redis.call('HGET', key, 'status') == 'queued' then
     local deadline = tonumber(redis.call('HGET', key, 'runq_deadline') or '')
     if deadline and deadline <= now then
       local ttl = tonumber(redis.call('HGET', key, 'result_ttl') or '3600')
-      redis.call('HSET', key, 'status', 'canceled', 'ended_at', ARGV[3], 'runq_error', ARGV[5])
-      redis.call('ZADD', KEYS[3], now + ttl, id)
+      local registry = ARGV[6] .. redis.call('HGET', key, 'origin')
+      redis.call('HSET', key, 'status', 'canceled', 'ended_at', ARGV[3], 'runq_error', ARGV[4])
+      redis.call('ZADD', registry, now + ttl, id)
       redis.call('EXPIRE', key, ttl)
       expired[#expired + 1] = {id, redis.call('HGETALL', key)}
     else
@@ -114,12 +187,37 @@ for _, id in ipairs(ids) do
                  'last_heartbeat', ARGV[3], 'worker_name', ARGV[2])
       redis.call('HINCRBY', key, 'runq_attempts', 1)
       redis.call('PERSIST', key)
+      redis.call('ZADD', KEYS[4], lease_until, id)
       started[#started + 1] = {id, redis.call('HGETALL', key)}
     end
   end
 end
-return {started, expired}
+if #ids > 0 then
+  local window = tonumber(ARGV[9])
+  local rate = drain_rate(KEYS[6], now, window) + #ids / window
+  redis.call('HSET', KEYS[6], 'rate', tostring(rate), 'at', tostring(now))
+  redis.call('EXPIRE', KEYS[6], tonumber(ARGV[10]))
+end
+if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3]) == 0 then
+  -- Nothing left to wake anyone for.
+  redis.call('DEL', KEYS[5])
+end
+return {started, expired, at_capacity, tostring(now)}
 """
+)
+
+# Renew the leases of tasks that are still running (a lease already released stays released).
+# KEYS[1] leases; ARGV[1] lease TTL s, ARGV[2..] task ids
+RENEW = (
+    _SERVER_NOW
+    + """
+local lease_until = server_now() + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', lease_until, ARGV[i])
+end
+return #ARGV - 1
+"""
+)
 
 # The RQ status of each job hash, for a worker that must re-check its batch after a conflict.
 # KEYS job hashes. Returns a list of statuses, false for a job that is gone.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ import redis.asyncio as aioredis
 from redis import Redis
 from rq.utils import now, utcformat
 
-from runq.errors import QueueFull
+from runq.errors import IdempotencyConflict, QueueFull
 from runq.queue import constants as k
 from runq.queue import scripts
 from runq.queue.tasks import (
@@ -30,6 +32,47 @@ def new_task_id() -> str:
     return secrets.token_urlsafe(16)
 
 
+# Retry-After bounds when a queue is full: at least a second, never so long that a caller gives
+# up on a queue that drains; with no drain seen (no worker yet) a cold start is a few seconds.
+RETRY_AFTER_MIN_S = 1
+RETRY_AFTER_MAX_S = 60
+RETRY_AFTER_NO_DRAIN_S = 5
+
+
+def retry_after_s(drain_rate: float, max_queue: int) -> int:
+    """Seconds until the full queue has drained by half at the recent drain rate.
+
+    Half, not one slot: callers told to come back when a single slot frees all come back at
+    once and find the queue full again.
+    """
+    if drain_rate <= 0.01:
+        return RETRY_AFTER_NO_DRAIN_S
+    estimate = math.ceil(max_queue / 2 / drain_rate)
+    return max(RETRY_AFTER_MIN_S, min(RETRY_AFTER_MAX_S, estimate))
+
+
+@dataclass(frozen=True)
+class Admission:
+    """How a task asks to be run; ``body_digest`` identifies the request for idempotency."""
+
+    priority: str = k.DEFAULT_PRIORITY
+    # Seconds from admission: start by (else timed_out, never run) and end by.
+    start_within_s: float | None = None
+    finish_within_s: float | None = None
+    reply_to: str | None = None
+    idempotency_key: str | None = None
+    body_digest: str = ""
+
+
+@dataclass(frozen=True)
+class Admitted:
+    task_id: str
+    # True when an Idempotency-Key named a task that already existed; `task` is then None and
+    # the caller reads or waits on it.
+    replayed: bool
+    task: dict[str, Any] | None
+
+
 @dataclass(frozen=True)
 class FunctionFigures:
     queued: int
@@ -38,8 +81,11 @@ class FunctionFigures:
 
 
 class TaskStore:
-    def __init__(self, redis: aioredis.Redis, redis_url: str) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, redis_url: str, *, idempotency_ttl_s: int = 86_400
+    ) -> None:
         self.redis = redis
+        self.idempotency_ttl_s = idempotency_ttl_s
         # RQ's Job wants a connection object to build a job; it never does I/O with it here.
         self._job_connection = Redis.from_url(redis_url)
         self._enqueue = redis.register_script(scripts.ENQUEUE)
@@ -51,36 +97,64 @@ class TaskStore:
         function: str,
         settings: FunctionSettings,
         payload: Any,
+        admission: Admission,
         *,
-        deadline: float | None,
-        reply_to: str | None,
         task_id: str | None = None,
-    ) -> dict[str, Any]:
-        """Admits a task under the queue cap; returns its task JSON (status queued)."""
+    ) -> Admitted:
+        """Admits a task under the queue cap, or finds the task its idempotency key names."""
         task_id = task_id or new_task_id()
         fields = new_job_fields(
             function=function,
             settings=settings,
             task_id=task_id,
             payload=payload,
-            deadline=deadline,
-            reply_to=reply_to,
+            priority=admission.priority,
+            reply_to=admission.reply_to,
             connection=self._job_connection,
         )
-        queue_key = k.queue_key(function)
+        keys = [
+            k.queue_key(k.queue_name(function, admission.priority)),
+            k.job_key(task_id),
+            k.RQ_QUEUES_KEY,
+            *k.queue_keys(function),
+            k.wake_key(function),
+            k.drain_key(function),
+        ]
+        if admission.idempotency_key is not None:
+            keys.append(k.idempotency_key(function, _digest(admission.idempotency_key)))
         flat: list[Any] = []
         for name, value in fields.items():
             flat += (name, value)
-        admitted = await self._enqueue(
-            keys=[queue_key, k.job_key(task_id), k.RQ_QUEUES_KEY],
-            args=[settings.max_queue, queue_key, task_id, *flat],
+        outcome, value = await self._enqueue(
+            keys=keys,
+            args=[
+                settings.max_queue,
+                task_id,
+                k.DRAIN_RATE_WINDOW_S,
+                self.idempotency_ttl_s,
+                admission.body_digest,
+                k.RQ_JOB_PREFIX,
+                k.WAKE_TOKENS_MAX,
+                _seconds(admission.start_within_s),
+                _seconds(admission.finish_within_s),
+                *flat,
+            ],
         )
-        if not admitted:
-            raise QueueFull(
-                f"function {function!r} already has {settings.max_queue} queued tasks",
-                retry_after_s=1,
+        held = value.decode()
+        if outcome == _ENQUEUED:
+            return Admitted(task_id, replayed=False, task=queued_view(task_id, fields))
+        if outcome == _REPLAYED:
+            return Admitted(held, replayed=True, task=None)
+        if outcome == _CONFLICT:
+            raise IdempotencyConflict(
+                f"Idempotency-Key already names task {held}, asked with a different body; "
+                "use a new key for a new request",
+                task_id=held,
             )
-        return queued_view(task_id, function, fields)
+        raise QueueFull(
+            f"function {function!r} already has {settings.max_queue} queued tasks",
+            retry_after_s=retry_after_s(float(held), settings.max_queue),
+        )
 
     async def read(self, task_id: str, *, with_output: bool) -> dict[str, Any] | None:
         """The task JSON, with ``output`` once succeeded when asked; None if there is no task."""
@@ -98,11 +172,11 @@ class TaskStore:
         return task
 
     async def cancel(
-        self, task_id: str, function: str, *, only_if_queued: bool, error: str
+        self, task_id: str, queue: str, *, only_if_queued: bool, error: str
     ) -> str | None:
         """Cancels a task that has not ended; returns the RQ status it had (None: no task)."""
         before = await self._cancel(
-            keys=[k.job_key(task_id), k.queue_key(function), k.canceled_registry_key(function)],
+            keys=[k.job_key(task_id), k.queue_key(queue), k.canceled_registry_key(queue)],
             args=[
                 task_id,
                 utcformat(now()),
@@ -114,22 +188,21 @@ class TaskStore:
         )
         return before.decode() if before else None
 
-    async def function_of(self, task_id: str) -> str | None:
-        origin = await self.redis.hget(k.job_key(task_id), "origin")
-        name = text(origin)
-        return name.removeprefix(k.QUEUE_NAME_PREFIX) if name else None
+    async def queue_of(self, task_id: str) -> str | None:
+        """The RQ queue the task was enqueued on (its function and priority); None: no task."""
+        return text(await self.redis.hget(k.job_key(task_id), "origin"))
 
-    async def delete(self, task_id: str, function: str) -> bool:
+    async def delete(self, task_id: str, queue: str) -> bool:
         deleted = await self._delete(
             keys=[
                 k.job_key(task_id),
-                k.queue_key(function),
+                k.queue_key(queue),
                 k.results_key(task_id),
                 k.executions_key(task_id),
-                k.started_registry_key(function),
-                k.finished_registry_key(function),
-                k.failed_registry_key(function),
-                k.canceled_registry_key(function),
+                k.started_registry_key(queue),
+                k.finished_registry_key(queue),
+                k.failed_registry_key(queue),
+                k.canceled_registry_key(queue),
             ],
             args=[task_id, k.RQ_EXECUTION_PREFIX],
         )
@@ -137,8 +210,22 @@ class TaskStore:
 
     async def figures(self, function: str) -> FunctionFigures:
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.llen(k.queue_key(function))
-            pipe.zcard(k.started_registry_key(function))
+            for key in k.queue_keys(function):
+                pipe.llen(key)
+            # Live leases: a crashed worker's tasks stop counting once their leases lapse.
+            pipe.zcount(k.leases_key(function), f"({time.time()}", "+inf")
             pipe.scard(k.workers_key(function))
-            queued, running, replicas = await pipe.execute()
-        return FunctionFigures(queued=queued, running=running, replicas=replicas)
+            *queued, running, replicas = await pipe.execute()
+        return FunctionFigures(queued=sum(queued), running=running, replicas=replicas)
+
+
+_ENQUEUED, _FULL, _REPLAYED, _CONFLICT = 1, 0, 2, 3
+
+
+def _digest(value: str) -> str:
+    # Keys are caller-chosen text of any length; their digest is a bounded, safe key name.
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else repr(value)

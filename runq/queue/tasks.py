@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import zlib
 from base64 import b64decode
 from collections.abc import Mapping
@@ -52,7 +51,9 @@ _FROM_RQ = {
     JobStatus.CANCELED.value: TaskStatus.CANCELED,
 }
 
-_DEADLINE_FIELD = "runq_deadline"
+# Plain hash fields runq's scripts read: the deadline to start by, the one to end by (server
+# epoch seconds), and where a waiting predict listens.
+FINISH_BY_FIELD = "runq_finish_by"
 _REPLY_TO_FIELD = "runq_reply_to"
 _ATTEMPTS_FIELD = "runq_attempts"
 
@@ -67,12 +68,14 @@ def new_job_fields(
     settings: FunctionSettings,
     task_id: str,
     payload: Any,
-    deadline: float | None,
+    priority: str,
     reply_to: str | None,
     connection: Redis,
 ) -> dict[str, Any]:
-    """The job hash of a new queued task, in RQ's layout (RQ's own `Job` writes it)."""
-    meta: dict[str, Any] = {"deadline": deadline, "reply_to": reply_to}
+    """The job hash of a new queued task, in RQ's layout (RQ's own `Job` writes it).
+
+    Deadlines are not here: the enqueue script sets them against the Redis server's clock.
+    """
     job = Job.create(
         FUNC_REF,
         args=[payload],
@@ -83,15 +86,11 @@ def new_job_fields(
         failure_ttl=settings.result_ttl_s,
         timeout=math.ceil(settings.timeout_s),
         description=f"runq {function}",  # never the input: `rq info` must not print payloads
-        meta=meta,
     )
-    job.origin = k.queue_name(function)
+    job.origin = k.queue_name(function, priority)
     job.enqueued_at = now()
     fields = job.to_dict()
     fields["status"] = JobStatus.QUEUED.value
-    # Plain copies of what Lua scripts need, so they never decode `meta`.
-    if deadline is not None:
-        fields[_DEADLINE_FIELD] = repr(deadline)
     if reply_to is not None:
         fields[_REPLY_TO_FIELD] = reply_to
     return fields
@@ -115,9 +114,11 @@ def task_view(task_id: str, fields: Mapping[bytes, bytes]) -> dict[str, Any]:
     status = _FROM_RQ.get(fields.get(b"status", b"").decode(), TaskStatus.QUEUED)
     if error is not None and error.get("code") == TIMED_OUT_CODE:
         status = TaskStatus.TIMED_OUT
+    queue = fields.get(b"origin", b"").decode()
     task: dict[str, Any] = {
         "id": task_id,
-        "function": fields.get(b"origin", b"").decode().removeprefix(k.QUEUE_NAME_PREFIX),
+        "function": k.function_of_queue(queue),
+        "priority": k.priority_of_queue(queue),
         "status": status.value,
         "created_at": _timestamp(fields.get(b"created_at")),
         "started_at": _timestamp(fields.get(b"started_at")),
@@ -129,11 +130,12 @@ def task_view(task_id: str, fields: Mapping[bytes, bytes]) -> dict[str, Any]:
     return task
 
 
-def queued_view(task_id: str, function: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+def queued_view(task_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
     """The task JSON of a task just enqueued with ``fields``, without reading it back."""
     return {
         "id": task_id,
-        "function": function,
+        "function": k.function_of_queue(fields["origin"]),
+        "priority": k.priority_of_queue(fields["origin"]),
         "status": TaskStatus.QUEUED.value,
         "created_at": fields["created_at"],
         "started_at": None,
@@ -148,8 +150,10 @@ def result_output(entry: Mapping[bytes, bytes]) -> Any:
     return JSONSerializer.loads(b64decode(raw)) if raw else None
 
 
-def deadline_after(timeout_s: float | None) -> float | None:
-    return None if timeout_s is None else time.time() + timeout_s
+def finish_by(fields: Mapping[bytes, bytes]) -> float | None:
+    """The server time by which the task must have ended, if it has such a deadline."""
+    raw = fields.get(FINISH_BY_FIELD.encode())
+    return float(raw) if raw else None
 
 
 def _timestamp(raw: bytes | None) -> str | None:

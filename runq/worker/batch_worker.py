@@ -31,9 +31,17 @@ from rq.worker import SimpleWorker, WorkerStatus
 from runq.functions import Function
 from runq.queue import constants as k
 from runq.queue import scripts
-from runq.queue.tasks import TIMED_OUT_CODE, error_json, job_input, reply_channel, task_view
+from runq.queue.tasks import (
+    TIMED_OUT_CODE,
+    error_json,
+    finish_by,
+    job_input,
+    reply_channel,
+    task_view,
+)
 from runq.settings import FunctionSettings
 from runq.worker.collect import BatchCollector, Claimed, RawHash
+from runq.worker.leases import LeaseKeeper
 from runq.worker.runner import BatchTimeout, ModelRunner, Outcome, failure
 
 logger = logging.getLogger("runq.worker")
@@ -53,12 +61,23 @@ class Running:
 
 class BatchWorker(SimpleWorker):
     def __init__(self, function: Function, settings: FunctionSettings, connection: Redis) -> None:
-        queue = Queue(k.queue_name(function.name), connection=connection, serializer=JSONSerializer)
-        super().__init__([queue], connection=connection, serializer=JSONSerializer)
+        # One RQ queue per priority, so `rq info` lists this worker on each.
+        queues = [
+            Queue(
+                k.queue_name(function.name, priority),
+                connection=connection,
+                serializer=JSONSerializer,
+            )
+            for priority in k.PRIORITIES
+        ]
+        super().__init__(queues, connection=connection, serializer=JSONSerializer)
         self.function = function
         self.settings = settings
         self.runner = ModelRunner(function)
-        self.collector = BatchCollector(connection, function.name, settings, self.name)
+        self.collector = BatchCollector(connection, function, settings, self.name)
+        self.leases = LeaseKeeper(connection, function.name)
+        self.leases_key = k.leases_key(function.name)
+        self.slots_key = k.slots_key(function.name)
         self._last_heartbeat = 0.0
         self.batches_run = 0
 
@@ -76,6 +95,7 @@ class BatchWorker(SimpleWorker):
             time.monotonic() - started,
         )
         self.bootstrap(logging_level=None)
+        self.leases.start()
         try:
             while not self._stop_requested:
                 claimed = self.collector.collect(block_s=k.WORKER_DEQUEUE_TIMEOUT_S)
@@ -83,6 +103,7 @@ class BatchWorker(SimpleWorker):
                     self.process(claimed)
                 self._maybe_heartbeat()
         finally:
+            self.leases.stop()
             super().teardown()
             logger.info("worker %s: stopped after %d batches", self.name, self.batches_run)
 
@@ -108,6 +129,7 @@ class BatchWorker(SimpleWorker):
         running = self._start(claimed)
         if not running:
             return
+        self.leases.hold([task.task_id for task in running])
         keys = [task.job.key for task in running]
         with self.connection.pipeline() as pipe:
             # Watch the batch's job hashes from here to the record, and re-check them once
@@ -117,11 +139,12 @@ class BatchWorker(SimpleWorker):
             owned = self._owned(pipe, keys)
             mine = [task for task, ours in zip(running, owned, strict=True) if ours]
             run_started = time.perf_counter()
-            outcomes = iter(self._execute(mine))
+            outcomes = iter(self._execute(mine, claimed))
             run_ms = (time.perf_counter() - run_started) * 1000
             results = self._record(
                 pipe, running, [next(outcomes) if ours else None for ours in owned]
             )
+        self.leases.release()
         self.batches_run += 1
         failed = sum(1 for outcome in results if outcome is not None and not outcome.ok)
         canceled = results.count(None)
@@ -159,17 +182,36 @@ class BatchWorker(SimpleWorker):
             pipe.execute()
         return running
 
-    def _execute(self, running: list[Running]) -> list[Outcome]:
+    def _execute(self, running: list[Running], claimed: Claimed) -> list[Outcome]:
         if not running:
             return []
+        limit_s, why = self._time_limit(running, claimed)
+        if limit_s <= 0:
+            return [failure(TIMED_OUT_CODE, why)] * len(running)
         payloads = [job_input(task.fields) for task in running]
         try:
-            with _time_limit(self.settings.timeout_s):
+            with _time_limit(limit_s):
                 return self.runner.run(payloads)
         except BatchTimeout:
-            message = f"the batch ran past timeout_s ({self.settings.timeout_s} s) and was stopped"
-            logger.warning("worker %s: %s", self.name, message)
-            return [failure(TIMED_OUT_CODE, message)] * len(running)
+            logger.warning("worker %s: batch of %d stopped: %s", self.name, len(running), why)
+            return [failure(TIMED_OUT_CODE, why)] * len(running)
+
+    def _time_limit(self, running: list[Running], claimed: Claimed) -> tuple[float, str]:
+        """How long the batch may run, and what to say when it is stopped.
+
+        The function's timeout_s always holds. A batch whose every task has its own end-by
+        deadline (submitted with timeout_s) stops once the last of them has passed: by then
+        nobody is owed its output.
+        """
+        limit = self.settings.timeout_s
+        why = f"the batch ran past the function's timeout_s ({limit} s) and was stopped"
+        deadlines = [finish_by(task.fields) for task in running]
+        if all(d is not None for d in deadlines):
+            left = claimed.seconds_left(max(d for d in deadlines if d is not None))
+            if left < limit:
+                limit = left
+                why = "the task's timeout_s passed while it ran, and it was stopped"
+        return limit, why
 
     def _record(
         self, pipe: Pipeline, running: list[Running], outcomes: list[Outcome | None]
@@ -184,6 +226,7 @@ class BatchWorker(SimpleWorker):
                     if outcome is not None:
                         self._record_one(pipe, task, outcome, ended)
                     self.cleanup_execution(task.job, pipeline=pipe, execution=task.execution)
+                self._release_slots(pipe, running)
                 self.set_state(WorkerStatus.IDLE, pipeline=pipe)
                 pipe.execute()
                 return outcomes
@@ -194,6 +237,13 @@ class BatchWorker(SimpleWorker):
                 pipe.watch(*keys)
                 still = self._owned(pipe, keys)
                 outcomes = [o if ours else None for o, ours in zip(outcomes, still, strict=True)]
+
+    def _release_slots(self, pipe: Pipeline, running: list[Running]) -> None:
+        pipe.zrem(self.leases_key, *(task.task_id for task in running))
+        if self.settings.max_concurrency is not None:
+            # Wake a worker that found every slot taken; more tokens than slots wake no one new.
+            pipe.lpush(self.slots_key, 1)
+            pipe.ltrim(self.slots_key, 0, self.settings.max_concurrency - 1)
 
     def _record_one(self, pipe: Pipeline, task: Running, outcome: Outcome, ended: Any) -> None:
         job, execution = task.job, task.execution

@@ -61,7 +61,17 @@ class ModelRunner:
             outcomes[i] = outcome
         return [o for o in outcomes if o is not None]
 
-    def _run_batch(self, inputs: list[Any]) -> list[Outcome]:
+    def _run_batch(self, inputs: list[Any], *, bisecting: bool = False) -> list[Outcome]:
+        """Outcomes of one batched call; if it raises, bisects to fail only the poison inputs.
+
+        One bad input must not fail its batch-mates, so a batch whose call raises is called
+        again on each half, recursively, down to single inputs: those that still raise alone
+        fail, the rest get their outputs. Each call is a node of a binary tree whose leaves are
+        the n inputs, so a batch of n inputs costs at most 2n-1 model calls (every input
+        poison), all within the batch's time limit; the model must tolerate seeing an input
+        again. A contract violation is the function's bug, not an input's: it fails its
+        (sub-)batch without bisecting.
+        """
         if not inputs:
             return []
         try:
@@ -69,7 +79,25 @@ class ModelRunner:
         except BatchTimeout:
             raise
         except Exception as exc:
-            return [_model_failure(exc)] * len(inputs)
+            if len(inputs) == 1:
+                return [_model_failure(exc)]
+            if not bisecting:
+                logger.warning(
+                    "%s raised on a batch of %d inputs (%s: %s); bisecting it to find the "
+                    "inputs that fail",
+                    self.function.name,
+                    len(inputs),
+                    type(exc).__name__,
+                    exc,
+                )
+            half = len(inputs) // 2
+            return [
+                *self._run_batch(inputs[:half], bisecting=True),
+                *self._run_batch(inputs[half:], bisecting=True),
+            ]
+        return self._held_to_contract(inputs, outputs)
+
+    def _held_to_contract(self, inputs: list[Any], outputs: Any) -> list[Outcome]:
         if not isinstance(outputs, Sequence) or isinstance(outputs, str | bytes):
             message = (
                 f"{self.function.name} is batched and must return a list; "

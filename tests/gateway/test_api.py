@@ -249,27 +249,10 @@ def test_batch_past_timeout_s_ends_timed_out_and_the_worker_stays_healthy(
 
 @pytest.mark.usefixtures("parked")
 def test_task_whose_deadline_passed_in_the_queue_never_runs(
-    client: httpx.Client, procs: Callable[..., Proc], redis: Redis, valkey_url: str
+    client: httpx.Client, procs: Callable[..., Proc], redis: Redis
 ) -> None:
-    import asyncio
-
-    import redis.asyncio as aioredis
-
-    from runq.queue.store import TaskStore
-    from runq.settings import FunctionSettings
-
-    async def enqueue_with_deadline() -> str:
-        client = aioredis.Redis.from_url(valkey_url)
-        try:
-            store = TaskStore(client, valkey_url)
-            task = await store.enqueue(
-                "parked", FunctionSettings(), "expired", deadline=time.time() + 0.2, reply_to=None
-            )
-            return str(task["id"])
-        finally:
-            await client.aclose()
-
-    task_id = asyncio.run(enqueue_with_deadline())
+    response = client.post("/v1/functions/parked/tasks", json={"input": "expired", "ttl_s": 0.2})
+    task_id = response.json()["id"]
     time.sleep(0.3)
     fresh = submit(client, "parked", "fresh")
     worker = start_worker(procs, redis, "parked")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -53,18 +54,107 @@ def test_outputs_are_json_ready() -> None:
     assert outputs(runner(centre).run([{"x": 2, "y": 4}])) == [{"x": 1.0, "y": 2.0}]
 
 
-def test_raising_fails_every_task_of_the_batch() -> None:
-    @runq.function
-    def fails(texts: list[str]) -> list[str]:
-        raise ValueError("cannot digest 'boom'")
+def poisoned(poison: set[int], calls: list[list[int]]) -> Function:
+    """Squares its inputs; raises on any batch holding a poison input."""
 
-    outcomes = runner(fails).run(["a", "boom", "c"])
-    assert len(outcomes) == 3
-    for outcome in outcomes:
-        assert not outcome.ok
-        assert outcome.error_code == "model_error"
-        assert outcome.error_message == "ValueError: cannot digest 'boom'"
-        assert "Traceback" in outcome.traceback and "fails" in outcome.traceback
+    @runq.function
+    def square(values: list[int]) -> list[int]:
+        calls.append(values)
+        bad = [v for v in values if v in poison]
+        if bad:
+            raise ValueError(f"cannot digest {bad[0]}")
+        return [v * v for v in values]
+
+    return square
+
+
+def test_one_poison_input_fails_alone_and_its_batch_mates_get_their_outputs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[list[int]] = []
+    with caplog.at_level(logging.WARNING, logger="runq.worker"):
+        outcomes = runner(poisoned({5}, calls)).run(list(range(16)))
+    assert [o.output for o in outcomes] == [v * v if v != 5 else None for v in range(16)]
+    assert [o.ok for o in outcomes] == [v != 5 for v in range(16)]
+    assert outcomes[5].error_code == "model_error"
+    assert outcomes[5].error_message == "ValueError: cannot digest 5"
+    assert "Traceback" in outcomes[5].traceback and "square" in outcomes[5].traceback
+    assert [call for call in calls if len(call) == 1] == [[4], [5]]  # only down the poison's path
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (
+            logging.WARNING,
+            "square raised on a batch of 16 inputs (ValueError: cannot digest 5); "
+            "bisecting it to find the inputs that fail",
+        ),
+        (logging.ERROR, "function raised ValueError: cannot digest 5"),
+    ]
+
+
+def test_two_poison_inputs_fail_and_only_they_fail(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="runq.worker"):
+        outcomes = runner(poisoned({2, 9}, [])).run(list(range(12)))
+    assert [o.output for o in outcomes] == [None if v in (2, 9) else v * v for v in range(12)]
+    assert [o.error_message for o in outcomes if not o.ok] == [
+        "ValueError: cannot digest 2",
+        "ValueError: cannot digest 9",
+    ]
+    levels = [r.levelno for r in caplog.records]
+    assert levels == [logging.WARNING, logging.ERROR, logging.ERROR]  # per poison, not per call
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 16])
+def test_every_input_poison_fails_in_exactly_2n_minus_1_calls(n: int) -> None:
+    calls: list[list[int]] = []
+    outcomes = runner(poisoned(set(range(n)), calls)).run(list(range(n)))
+    assert [o.error_message for o in outcomes] == [
+        f"ValueError: cannot digest {v}" for v in range(n)
+    ]
+    assert len(calls) == 2 * n - 1
+
+
+def test_batch_too_big_for_the_model_succeeds_after_bisection() -> None:
+    @runq.function
+    def small(values: list[int]) -> list[int]:
+        if len(values) > 4:
+            raise MemoryError("out of memory")
+        return [-v for v in values]
+
+    assert outputs(runner(small).run(list(range(13)))) == [-v for v in range(13)]
+
+
+def test_batch_timeout_during_bisection_propagates() -> None:
+    calls: list[list[int]] = []
+
+    @runq.function
+    def slow(values: list[int]) -> list[int]:
+        calls.append(values)
+        if len(calls) == 1:
+            raise ValueError("first call fails")
+        raise BatchTimeout
+
+    with pytest.raises(BatchTimeout):
+        runner(slow).run([1, 2, 3, 4])
+    assert calls == [[1, 2, 3, 4], [1, 2]]  # stopped at the first sub-call
+
+
+def test_contract_violation_in_a_sub_batch_fails_only_that_sub_batch() -> None:
+    calls: list[list[int]] = []
+
+    @runq.function
+    def extra(values: list[int]) -> list[int]:
+        calls.append(values)
+        if len(values) > 4:
+            raise ValueError("batch too big")
+        return [*values, 0] if 7 in values else values
+
+    outcomes = runner(extra).run(list(range(8)))
+    assert [o.output for o in outcomes[:4]] == [0, 1, 2, 3]
+    assert [o.error_code for o in outcomes[4:]] == ["model_error"] * 4
+    assert outcomes[4].error_message == (
+        "extra returned 5 outputs for a batch of 4 inputs; "
+        "a batched function returns one output per input, in order"
+    )
+    assert calls == [list(range(8)), [0, 1, 2, 3], [4, 5, 6, 7]]  # no bisecting past it
 
 
 def test_wrong_number_of_outputs_fails_the_batch() -> None:

@@ -1,0 +1,55 @@
+"""Keeping the leases of the batch in hand alive while the model runs.
+
+A lease says "this task is running and its worker is alive". The claim script grants it for
+LEASE_TTL_S; a thread renews it every LEASE_RENEW_INTERVAL_S, so a model call of any length keeps
+it, and a worker that dies loses it within LEASE_TTL_S (and with it its max_concurrency slots).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from runq.queue import constants as k
+from runq.queue import scripts
+
+logger = logging.getLogger("runq.worker")
+
+
+class LeaseKeeper:
+    def __init__(self, connection: Redis, function: str) -> None:
+        self._renew = connection.register_script(scripts.RENEW)
+        self._key = k.leases_key(function)
+        # Replaced whole, never mutated: the thread reads it without a lock.
+        self._held: tuple[str, ...] = ()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="runq-leases", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+
+    def hold(self, task_ids: list[str]) -> None:
+        self._held = tuple(task_ids)
+
+    def release(self) -> None:
+        # The leases themselves go in the worker's record transaction; renewal never re-adds one.
+        self._held = ()
+
+    def _loop(self) -> None:
+        while not self._stopping.wait(k.LEASE_RENEW_INTERVAL_S):
+            held = self._held
+            if not held:
+                continue
+            try:
+                self._renew(keys=[self._key], args=[k.LEASE_TTL_S, *held])
+            except RedisError as exc:
+                # The next renewal may get through before the leases lapse; if not, the tasks
+                # are treated as lost, which is what an unreachable worker is.
+                logger.warning("cannot renew %d task leases: %s", len(held), exc)
