@@ -1,4 +1,4 @@
-"""`runq serve | gateway | worker`: the entry points, and the only place that exits."""
+"""`runq serve | gateway | worker | autoscale`: the entry points, and the only place that exits."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from runq.errors import ConfigError, RunqError
 from runq.functions import Function, load_target
-from runq.settings import ENV_TARGET, Settings, load_settings, settings_to_env
+from runq.settings import ENV_TARGET, FunctionSettings, Settings, load_settings, settings_to_env
 
 logger = logging.getLogger("runq")
 
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = command("worker", _worker, "run a batch worker for one function")
     worker.add_argument("--function", help="which declared function (needed if several)")
+    command("autoscale", _autoscale, "run worker processes that follow each function's demand")
     return parser
 
 
@@ -85,8 +86,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _checked(settings: Settings, functions: dict[str, Function]) -> None:
     settings.check_functions(set(functions))
-    for name, fn in functions.items():
-        settings.function_settings(name, fn.declared)
+    _function_settings(settings, functions)
 
 
 # gateway ---------------------------------------------------------------------------------------
@@ -163,6 +163,44 @@ class _StopFlag:
         self.set = True
 
 
+def _autoscaler(settings: Settings, target: str, functions: dict[str, Function]) -> Any:
+    from redis import Redis
+
+    from runq.autoscaler.autoscaler import Autoscaler
+
+    assert settings.redis_url is not None
+    child_env = {**os.environ, **settings_to_env(settings), ENV_TARGET: target}
+    per_function = {
+        name: settings.function_settings(name, fn.declared) for name, fn in functions.items()
+    }
+    return Autoscaler(Redis.from_url(settings.redis_url), target, per_function, child_env)
+
+
+def _grace_s(settings: Settings, functions: dict[str, Function]) -> float:
+    # A draining worker finishes its batch, which may take up to its function's timeout_s.
+    return max(fn.timeout_s for fn in _function_settings(settings, functions).values()) + 5
+
+
+def _autoscale(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings.redis_url is None:
+        raise ConfigError("runq autoscale needs --redis-url or RUNQ_REDIS_URL")
+    functions = load_target(args.target)
+    _checked(settings, functions)
+    stop = _StopFlag()
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    autoscaler = _autoscaler(settings, args.target, functions)
+    autoscaler.start()
+    logger.info("autoscaling %s", ", ".join(sorted(functions)))
+    try:
+        while not stop.set:
+            autoscaler.step()
+    finally:
+        autoscaler.stop(_grace_s(settings, functions))
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from runq.autoscaler.supervisor import Supervisor
     from runq.embedded import EmbeddedValkey
@@ -180,8 +218,8 @@ def _serve(args: argparse.Namespace) -> int:
         valkey.start()
         settings = settings.model_copy(update={"redis_url": valkey.url})
     child_env = {**os.environ, **settings_to_env(settings), ENV_TARGET: args.target}
-    supervisor = Supervisor(child_env, args.target, sorted(functions))
-    grace_s = max(fn_settings.timeout_s for fn_settings in _all_settings(settings, functions)) + 5
+    supervisor = Supervisor(child_env, args.target, _autoscaler(settings, args.target, functions))
+    grace_s = _grace_s(settings, functions)
     code = 0
     try:
         supervisor.start()
@@ -194,8 +232,10 @@ def _serve(args: argparse.Namespace) -> int:
     return code
 
 
-def _all_settings(settings: Settings, functions: dict[str, Function]) -> list[Any]:
-    return [settings.function_settings(name, fn.declared) for name, fn in functions.items()]
+def _function_settings(
+    settings: Settings, functions: dict[str, Function]
+) -> dict[str, FunctionSettings]:
+    return {name: settings.function_settings(name, fn.declared) for name, fn in functions.items()}
 
 
 def _supervise(supervisor: Any, stop: _StopFlag, args: argparse.Namespace, grace_s: float) -> int:
@@ -211,7 +251,6 @@ def _supervise(supervisor: Any, stop: _StopFlag, args: argparse.Namespace, grace
             logger.error("the gateway exited; stopping")
             return 1
         if watcher is None:
-            time.sleep(0.5)
             continue
         changes = next(watcher, None)
         if changes:

@@ -190,8 +190,10 @@ def _import(module_part: str) -> Any:
         path = Path(module_part).resolve()
         if not path.is_file():
             raise TargetError(f"no such file: {module_part}")
-        # Sibling modules of the target file import as they would when run as a script.
-        sys.path.insert(0, str(path.parent))
+        # Sibling modules of the target file import, but last: a folder holding, say, a
+        # `queue` package must not shadow the standard library's for everything imported later.
+        if str(path.parent) not in sys.path:
+            sys.path.append(str(path.parent))
         spec = importlib.util.spec_from_file_location(path.stem, path)
         if spec is None or spec.loader is None:
             raise TargetError(f"cannot import {module_part}")

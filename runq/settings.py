@@ -44,6 +44,8 @@ class FunctionSettings(BaseModel):
     timeout_s: float = Field(30.0, gt=0)
     max_queue: int = Field(10_000, ge=1)
     max_concurrency: int | None = Field(None, ge=1)
+    # Queued + running tasks one worker is expected to carry; unset: max_batch_size.
+    target_per_replica: int | None = Field(None, ge=1)
     min_replicas: int = Field(0, ge=0)
     max_replicas: int = Field(1, ge=1)
     scale_down_delay_s: float = Field(60.0, ge=0)

@@ -349,7 +349,12 @@ async def _describe(store: TaskStore, name: str, entry: Served) -> dict[str, Any
         "settings": entry.settings.model_dump(),
         "queued": figures.queued,
         "running": figures.running,
-        "replicas": figures.replicas,
+        # What an external scaler (KEDA's metrics-api) scales on.
+        "demand": figures.queued + figures.running,
+        "replicas": {
+            "current": figures.workers if figures.current is None else figures.current,
+            "desired": figures.desired,
+        },
     }
 
 

@@ -31,6 +31,10 @@ DEFAULT_PRIORITY = "normal"
 RQ_QUEUES_KEY = Queue.redis_queues_keys
 RQ_JOB_PREFIX = Job.redis_job_namespace_prefix
 RQ_EXECUTION_PREFIX = RQ_KEY_PREFIX + ":execution:"
+RQ_EXECUTIONS_PREFIX = ExecutionRegistry.key_template.format("")
+RQ_QUEUE_PREFIX = Queue.redis_queue_namespace_prefix
+RQ_STARTED_PREFIX = StartedJobRegistry.key_template.format("")
+RQ_FAILED_PREFIX = FailedJobRegistry.key_template.format("")
 RQ_CANCELED_PREFIX = CanceledJobRegistry.key_template.format("")
 
 # Hash fields runq adds to RQ's job hash; RQ ignores fields it does not know.
@@ -59,8 +63,19 @@ SLOTS_PREFIX = RUNQ_PREFIX + "slots:"
 DRAIN_PREFIX = RUNQ_PREFIX + "drain:"
 DRAIN_RATE_WINDOW_S = 10.0
 DRAIN_TTL_S = 24 * 3600
+# Channel an enqueue publishes the function's name on while it has no worker: wakes autoscalers.
+DEMAND_CHANNEL = RUNQ_PREFIX + "demand"
+# A function's replica figures, {current, desired}, written by the autoscaler that manages it;
+# they expire when it stops writing them.
+REPLICAS_PREFIX = RUNQ_PREFIX + "replicas:"
+REPLICAS_TTL_S = 10
 # Idempotency keys, per function, holding {task, body} (the body's digest).
 IDEMPOTENCY_PREFIX = RUNQ_PREFIX + "idem:"
+
+# How often workers and the autoscaler look for lapsed leases: with LEASE_TTL_S, a dead worker's
+# tasks are found within about LEASE_TTL_S + REAP_INTERVAL_S.
+REAP_INTERVAL_S = 1.0
+REAP_BATCH_MAX = 1000
 
 # Idle blocking pops return this often so a worker notices a stop request or a lapsed lease.
 WORKER_DEQUEUE_TIMEOUT_S = 1
@@ -108,6 +123,20 @@ def slots_key(function: str) -> str:
 
 def drain_key(function: str) -> str:
     return DRAIN_PREFIX + function
+
+
+def replicas_key(function: str) -> str:
+    return REPLICAS_PREFIX + function
+
+
+def figures_keys(function: str) -> list[str]:
+    """The keys of the FIGURES script, in its order."""
+    return [
+        *queue_keys(function),
+        leases_key(function),
+        workers_key(function),
+        replicas_key(function),
+    ]
 
 
 def idempotency_key(function: str, key_digest: str) -> str:

@@ -30,18 +30,20 @@ end
 # number of gateways together never push a function past max_queue.
 # KEYS[1] the task's queue list, KEYS[2] its job hash, KEYS[3] RQ's set of queue keys,
 # KEYS[4..6] the function's queue lists (every priority), KEYS[7] wake list, KEYS[8] drain hash,
-# KEYS[9] idempotency key (absent: none)
+# KEYS[9] the function's registered workers, KEYS[10] idempotency key (absent: none)
 # ARGV[1] max_queue, ARGV[2] task id, ARGV[3] drain window s, ARGV[4] idempotency TTL s,
 # ARGV[5] body digest, ARGV[6] prefix of job hash keys ("rq:job:"), ARGV[7] wake tokens max,
 # ARGV[8] seconds from now it must start by ('' none), ARGV[9] seconds from now it must end by
-# ('' none), ARGV[10..] job hash field/value pairs
+# ('' none), ARGV[10] demand channel, ARGV[11] function name, ARGV[12..] job hash field/value
+# pairs. With no worker registered, the function name is published on the demand channel: an
+# autoscaler at zero replicas starts one at once instead of on its next look.
 # Returns {1, id} enqueued; {0, drain rate} the queue was full (nothing written); {2, id} the
 # key's task, same body; {3, id} the key's task, another body.
 ENQUEUE = (
     _SERVER_NOW
     + _DRAIN_RATE
     + """
-local idempotency = KEYS[9]
+local idempotency = KEYS[10]
 if idempotency then
   local held = redis.call('HMGET', idempotency, 'task', 'body')
   if held[1] and redis.call('EXISTS', ARGV[6] .. held[1]) == 1 then
@@ -57,7 +59,7 @@ local queued = redis.call('LLEN', KEYS[4]) + redis.call('LLEN', KEYS[5])
 if queued >= tonumber(ARGV[1]) then
   return {0, tostring(drain_rate(KEYS[8], now, tonumber(ARGV[3])))}
 end
-redis.call('HSET', KEYS[2], unpack(ARGV, 10))
+redis.call('HSET', KEYS[2], unpack(ARGV, 12))
 if ARGV[8] ~= '' then
   redis.call('HSET', KEYS[2], 'runq_deadline', tostring(now + tonumber(ARGV[8])))
 end
@@ -68,6 +70,9 @@ redis.call('RPUSH', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[3], KEYS[1])
 redis.call('LPUSH', KEYS[7], '1')
 redis.call('LTRIM', KEYS[7], 0, tonumber(ARGV[7]) - 1)
+if redis.call('SCARD', KEYS[9]) == 0 then
+  redis.call('PUBLISH', ARGV[10], ARGV[11])
+end
 if idempotency then
   redis.call('HSET', idempotency, 'task', ARGV[2], 'body', ARGV[5])
   redis.call('EXPIRE', idempotency, tonumber(ARGV[4]))
@@ -206,6 +211,22 @@ return {started, expired, at_capacity, tostring(now)}
 """
 )
 
+# A function's live figures, on the server's clock.
+# KEYS[1..3] the function's queue lists, KEYS[4] leases, KEYS[5] its registered RQ workers,
+# KEYS[6] the autoscaler's replicas hash
+# Returns {queued, running (live leases), registered workers, replicas current, replicas desired}
+# (the last two false when no autoscaler manages the function).
+FIGURES = (
+    _SERVER_NOW
+    + """
+local queued = redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2])
+  + redis.call('LLEN', KEYS[3])
+local running = redis.call('ZCOUNT', KEYS[4], '(' .. tostring(server_now()), '+inf')
+local replicas = redis.call('HMGET', KEYS[6], 'current', 'desired')
+return {queued, running, redis.call('SCARD', KEYS[5]), replicas[1], replicas[2]}
+"""
+)
+
 # Renew the leases of tasks that are still running (a lease already released stays released).
 # KEYS[1] leases; ARGV[1] lease TTL s, ARGV[2..] task ids
 RENEW = (
@@ -219,12 +240,68 @@ return #ARGV - 1
 """
 )
 
-# The RQ status of each job hash, for a worker that must re-check its batch after a conflict.
-# KEYS job hashes. Returns a list of statuses, false for a job that is gone.
-STATUSES = """
+# Which tasks of a batch a worker still owns: started, and by this worker. A task whose lease
+# lapsed may have been re-queued and started by another worker; its outcome is no longer ours.
+# KEYS job hashes; ARGV[1] worker name. Returns 1 or 0 per key.
+OWNED = """
 local result = {}
 for i, key in ipairs(KEYS) do
-  result[i] = redis.call('HGET', key, 'status')
+  local held = redis.call('HMGET', key, 'status', 'worker_name')
+  result[i] = (held[1] == 'started' and held[2] == ARGV[1]) and 1 or 0
 end
 return result
 """
+
+# Tasks whose lease lapsed (their worker died or lost Redis): each goes back to the front of its
+# queue while it has retries left, else ends failed with code worker_lost. RQ's execution records
+# of the lost run are removed, as RQ's own registry cleanup would.
+# KEYS[1] leases, KEYS[2] wake list
+# ARGV[1] retries, ARGV[2] prefix of job hashes ("rq:job:"), ARGV[3] prefix of queue lists
+# ("rq:queue:"), ARGV[4] prefix of started registries, ARGV[5] prefix of failed registries,
+# ARGV[6] prefix of execution hashes ("rq:execution:"), ARGV[7] prefix of a job's executions set
+# ("rq:executions:"), ARGV[8] worker_lost error JSON, ARGV[9] now (RQ's format), ARGV[10] prefix
+# of task channels, ARGV[11] most tasks to handle
+# Returns {re-queued ids, failed ids}.
+REAP = (
+    _SERVER_NOW
+    + """
+local now = server_now()
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', tostring(now),
+                          'LIMIT', 0, tonumber(ARGV[11]))
+local requeued, failed = {}, {}
+for _, id in ipairs(lapsed) do
+  redis.call('ZREM', KEYS[1], id)
+  local key = ARGV[2] .. id
+  local held = redis.call('HMGET', key, 'status', 'origin', 'runq_attempts', 'failure_ttl',
+                          'runq_reply_to')
+  if held[1] == 'started' then
+    local origin = held[2]
+    local executions = ARGV[7] .. id
+    for _, execution in ipairs(redis.call('ZRANGE', executions, 0, -1)) do
+      redis.call('ZREM', ARGV[4] .. origin, id .. ':' .. execution)
+      redis.call('DEL', ARGV[6] .. id .. ':' .. execution)
+    end
+    redis.call('DEL', executions)
+    if tonumber(held[3] or '0') <= tonumber(ARGV[1]) then
+      redis.call('HSET', key, 'status', 'queued')
+      redis.call('HDEL', key, 'worker_name')
+      -- The front: it waited its turn once already.
+      redis.call('LPUSH', ARGV[3] .. origin, id)
+      redis.call('LPUSH', KEYS[2], '1')
+      requeued[#requeued + 1] = id
+    else
+      local ttl = tonumber(held[4] or '3600')
+      redis.call('HSET', key, 'status', 'failed', 'ended_at', ARGV[9], 'runq_error', ARGV[8])
+      redis.call('ZADD', ARGV[5] .. origin, now + ttl, id)
+      redis.call('EXPIRE', key, ttl)
+      redis.call('PUBLISH', ARGV[10] .. id, id)
+      if held[5] then
+        redis.call('PUBLISH', held[5], id)
+      end
+      failed[#failed + 1] = id
+    end
+  end
+end
+return {requeued, failed}
+"""
+)

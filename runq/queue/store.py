@@ -77,7 +77,21 @@ class Admitted:
 class FunctionFigures:
     queued: int
     running: int
-    replicas: int
+    # Registered workers, and the autoscaler's view when one manages the function.
+    workers: int
+    current: int | None
+    desired: int | None
+
+    @classmethod
+    def from_reply(cls, reply: list[Any]) -> FunctionFigures:
+        queued, running, workers, current, desired = reply
+        return cls(
+            queued=queued,
+            running=running,
+            workers=workers,
+            current=None if current is None else int(current),
+            desired=None if desired is None else int(desired),
+        )
 
 
 class TaskStore:
@@ -91,6 +105,7 @@ class TaskStore:
         self._enqueue = redis.register_script(scripts.ENQUEUE)
         self._cancel = redis.register_script(scripts.CANCEL)
         self._delete = redis.register_script(scripts.DELETE)
+        self._figures = redis.register_script(scripts.FIGURES)
 
     async def enqueue(
         self,
@@ -119,6 +134,7 @@ class TaskStore:
             *k.queue_keys(function),
             k.wake_key(function),
             k.drain_key(function),
+            k.workers_key(function),
         ]
         if admission.idempotency_key is not None:
             keys.append(k.idempotency_key(function, _digest(admission.idempotency_key)))
@@ -137,6 +153,8 @@ class TaskStore:
                 k.WAKE_TOKENS_MAX,
                 _seconds(admission.start_within_s),
                 _seconds(admission.finish_within_s),
+                k.DEMAND_CHANNEL,
+                function,
                 *flat,
             ],
         )
@@ -209,14 +227,7 @@ class TaskStore:
         return bool(deleted)
 
     async def figures(self, function: str) -> FunctionFigures:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key in k.queue_keys(function):
-                pipe.llen(key)
-            # Live leases: a crashed worker's tasks stop counting once their leases lapse.
-            pipe.zcount(k.leases_key(function), f"({time.time()}", "+inf")
-            pipe.scard(k.workers_key(function))
-            *queued, running, replicas = await pipe.execute()
-        return FunctionFigures(queued=sum(queued), running=running, replicas=replicas)
+        return FunctionFigures.from_reply(await self._figures(keys=k.figures_keys(function)))
 
 
 _ENQUEUED, _FULL, _REPLAYED, _CONFLICT = 1, 0, 2, 3

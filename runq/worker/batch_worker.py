@@ -31,6 +31,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 from runq.functions import Function
 from runq.queue import constants as k
 from runq.queue import scripts
+from runq.queue.reaper import Reaper
 from runq.queue.tasks import (
     TIMED_OUT_CODE,
     error_json,
@@ -76,6 +77,8 @@ class BatchWorker(SimpleWorker):
         self.runner = ModelRunner(function)
         self.collector = BatchCollector(connection, function, settings, self.name)
         self.leases = LeaseKeeper(connection, function.name)
+        self.reaper = Reaper(connection, function.name, settings.retries)
+        self._last_reap = 0.0
         self.leases_key = k.leases_key(function.name)
         self.slots_key = k.slots_key(function.name)
         self._last_heartbeat = 0.0
@@ -102,6 +105,7 @@ class BatchWorker(SimpleWorker):
                 if claimed is not None:
                     self.process(claimed)
                 self._maybe_heartbeat()
+                self._maybe_reap()
         finally:
             self.leases.stop()
             super().teardown()
@@ -122,6 +126,11 @@ class BatchWorker(SimpleWorker):
         if time.monotonic() - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
             self.heartbeat()
             self._last_heartbeat = time.monotonic()
+
+    def _maybe_reap(self) -> None:
+        if time.monotonic() - self._last_reap >= k.REAP_INTERVAL_S:
+            self.reaper.reap()
+            self._last_reap = time.monotonic()
 
     # one batch ------------------------------------------------------------------------------
 
@@ -158,10 +167,9 @@ class BatchWorker(SimpleWorker):
             canceled,
         )
 
-    @staticmethod
-    def _owned(pipe: Pipeline, keys: list[str]) -> list[bool]:
-        statuses = pipe.eval(scripts.STATUSES, len(keys), *keys)
-        return [status == JobStatus.STARTED.value.encode() for status in statuses]
+    def _owned(self, pipe: Pipeline, keys: list[str]) -> list[bool]:
+        owned = pipe.eval(scripts.OWNED, len(keys), *keys, self.name)
+        return [bool(flag) for flag in owned]
 
     def _start(self, claimed: Claimed) -> list[Running]:
         """Creates RQ executions for the claimed tasks and announces expired ones."""

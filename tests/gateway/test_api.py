@@ -383,16 +383,16 @@ def test_delete_removes_the_task_and_its_records(client: httpx.Client, redis: Re
 
 
 @pytest.mark.usefixtures("parked")
-@pytest.mark.usefixtures("parked")
 def test_function_detail_shows_live_figures(client: httpx.Client) -> None:
     submit(client, "parked", 1)
     submit(client, "parked", 2)
     detail = client.get("/v1/functions/parked").json()
     assert detail["queued"] == 2
-    assert detail["replicas"] == 0
+    assert detail["replicas"] == {"current": 0, "desired": None}
+    assert detail["demand"] == 2
     assert detail["settings"]["max_batch_size"] == 8
     echo = client.get("/v1/functions/echo").json()
-    assert echo["replicas"] == 1
+    assert echo["replicas"]["current"] == 1
     listed = client.get("/v1/functions").json()["functions"]
     assert {f["name"] for f in listed} >= {"echo", "parked", "stateful"}
 

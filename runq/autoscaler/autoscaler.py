@@ -1,0 +1,130 @@
+"""The autoscaler: follows each function's demand with local worker processes.
+
+Lifecycle: start (subscribe to the demand channel) → loop (``step``: wait for a wake-up or the
+tick, then per function: reap lapsed leases, read the figures, decide, scale, publish the
+replica figures) → stop (drain every worker, then kill what outlives the grace period).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from redis import Redis
+from redis.client import PubSub
+
+from runq.autoscaler.policy import Policy, decide
+from runq.autoscaler.pool import WorkerPool
+from runq.queue import constants as k
+from runq.queue import scripts
+from runq.queue.reaper import Reaper
+from runq.queue.store import FunctionFigures
+from runq.settings import FunctionSettings
+
+logger = logging.getLogger("runq.autoscaler")
+
+# How often demand is read when nothing wakes the autoscaler: the pace of scale-up under a
+# burst that arrives while workers exist, and of scale-down.
+TICK_S = 0.5
+
+
+@dataclass
+class Managed:
+    name: str
+    policy: Policy
+    pool: WorkerPool
+    reaper: Reaper
+    low_since: float | None = None
+
+
+class Autoscaler:
+    def __init__(
+        self,
+        connection: Redis,
+        target: str,
+        settings: Mapping[str, FunctionSettings],
+        env: Mapping[str, str],
+    ) -> None:
+        self.connection = connection
+        self._figures = connection.register_script(scripts.FIGURES)
+        self._pubsub: PubSub | None = None
+        self.functions = [
+            Managed(
+                name=name,
+                policy=policy_of(fn_settings),
+                pool=WorkerPool(
+                    name,
+                    [sys.executable, "-m", "runq", "worker", target, "--function", name],
+                    env,
+                ),
+                reaper=Reaper(connection, name, fn_settings.retries),
+            )
+            for name, fn_settings in sorted(settings.items())
+        ]
+
+    def start(self) -> None:
+        self._pubsub = self.connection.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.subscribe(k.DEMAND_CHANNEL)
+
+    def step(self, wait_s: float = TICK_S) -> None:
+        """Waits up to ``wait_s`` for an enqueue to a function with no worker, then scales."""
+        self._wait_for_demand(wait_s)
+        for managed in self.functions:
+            self._follow(managed)
+
+    def stop(self, grace_s: float) -> None:
+        for managed in self.functions:
+            managed.pool.scale_to(0)
+        for managed in self.functions:
+            managed.pool.stop(grace_s)
+            self.connection.delete(k.replicas_key(managed.name))
+        if self._pubsub is not None:
+            self._pubsub.close()
+
+    def _wait_for_demand(self, wait_s: float) -> None:
+        assert self._pubsub is not None, "start() first"
+        message = self._pubsub.get_message(timeout=wait_s)
+        # One wake-up is enough: every function is looked at; drop the rest of the burst.
+        while message is not None:
+            message = self._pubsub.get_message(timeout=0)
+
+    def _follow(self, managed: Managed) -> None:
+        managed.pool.poll()
+        managed.reaper.reap()
+        figures = FunctionFigures.from_reply(self._figures(keys=k.figures_keys(managed.name)))
+        decision = decide(
+            managed.policy,
+            current=managed.pool.current,
+            queued=figures.queued,
+            running=figures.running,
+            low_since=managed.low_since,
+            now=time.monotonic(),
+        )
+        if decision.replicas != managed.pool.current:
+            logger.info(
+                "%s: %d queued, %d running: %d → %d replicas",
+                managed.name,
+                figures.queued,
+                figures.running,
+                managed.pool.current,
+                decision.replicas,
+            )
+        managed.low_since = decision.low_since
+        managed.pool.scale_to(decision.replicas)
+        key = k.replicas_key(managed.name)
+        with self.connection.pipeline() as pipe:
+            pipe.hset(key, mapping={"current": managed.pool.current, "desired": decision.replicas})
+            pipe.expire(key, k.REPLICAS_TTL_S)
+            pipe.execute()
+
+
+def policy_of(settings: FunctionSettings) -> Policy:
+    return Policy(
+        target_per_replica=settings.target_per_replica or settings.max_batch_size,
+        min_replicas=settings.min_replicas,
+        max_replicas=settings.max_replicas,
+        scale_down_delay_s=settings.scale_down_delay_s,
+    )

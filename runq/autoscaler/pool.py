@@ -1,0 +1,94 @@
+"""A function's local worker processes: started, drained and restarted on the autoscaler's word."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+logger = logging.getLogger("runq.autoscaler")
+
+# A worker that dies within this long of starting counts as a crash loop and is restarted after
+# a growing backoff (a setup() that raises would otherwise be restarted as fast as it fails).
+CRASH_WINDOW_S = 60.0
+RESTART_BACKOFF_MAX_S = 10.0
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen[bytes]
+    started: float
+    draining: bool = False
+
+
+class WorkerPool:
+    def __init__(self, function: str, argv: Sequence[str], env: Mapping[str, str]) -> None:
+        self.function = function
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.live: list[WorkerProcess] = []
+        self._crashes = 0
+        self._next_start = 0.0
+
+    @property
+    def current(self) -> int:
+        """Workers that count toward the replicas: started or starting, not draining."""
+        return sum(1 for worker in self.live if not worker.draining)
+
+    def poll(self) -> None:
+        """Forgets workers that exited; a crash delays the next start when it repeats."""
+        for worker in [w for w in self.live if w.process.poll() is not None]:
+            self.live.remove(worker)
+            code = worker.process.returncode
+            if worker.draining:
+                logger.info("worker %s (pid %d) drained", self.function, worker.process.pid)
+                continue
+            lived = time.monotonic() - worker.started
+            self._crashes = self._crashes + 1 if lived < CRASH_WINDOW_S else 1
+            backoff = min(2.0 ** (self._crashes - 1) / 4, RESTART_BACKOFF_MAX_S)
+            self._next_start = time.monotonic() + backoff
+            logger.warning(
+                "worker %s (pid %d) exited with %s; a new one starts in %.2f s",
+                self.function,
+                worker.process.pid,
+                code,
+                backoff,
+            )
+
+    def scale_to(self, replicas: int) -> None:
+        while self.current < replicas and time.monotonic() >= self._next_start:
+            self._spawn()
+        extra = self.current - replicas
+        if extra > 0:
+            # Newest first: the oldest have warm caches and a record of health.
+            for worker in [w for w in reversed(self.live) if not w.draining][:extra]:
+                worker.draining = True
+                worker.process.send_signal(signal.SIGTERM)
+                logger.info("worker %s (pid %d) draining", self.function, worker.process.pid)
+
+    def stop(self, grace_s: float) -> None:
+        for worker in self.live:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        terminate([w.process for w in self.live], grace_s)
+        self.live.clear()
+
+    def _spawn(self) -> None:
+        process = subprocess.Popen(self.argv, env=self.env)  # noqa: S603
+        self.live.append(WorkerProcess(process, time.monotonic()))
+        logger.info("worker %s (pid %d) started", self.function, process.pid)
+
+
+def terminate(processes: Iterable[subprocess.Popen[bytes]], grace_s: float) -> None:
+    """Waits for processes already told to stop; kills those still there after ``grace_s``."""
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            logger.warning("pid %d did not stop within %.0f s; killing it", process.pid, grace_s)
+            process.kill()
+            process.wait()

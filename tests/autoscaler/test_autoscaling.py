@@ -1,0 +1,137 @@
+"""`runq autoscale` on real processes: cold starts, scaling with demand, crashes, drains."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+from redis import Redis
+
+from tests.conftest import (
+    GATEWAY_ENV,
+    ROOT,
+    Proc,
+    alive,
+    descendants,
+    start_gateway,
+    wait_until,
+)
+
+TARGET = str(ROOT / "tests" / "fns_scaling.py")
+
+
+@pytest.fixture(scope="module")
+def autoscaler(procs: Callable[..., Proc]) -> Proc:
+    proc = procs("autoscale", TARGET)
+    wait_until(lambda: "autoscaling" in proc.output() or not proc.alive(), 30, "the autoscaler")
+    assert proc.alive(), proc.output()
+    return proc
+
+
+@pytest.fixture(scope="module")
+def scaled(procs: Callable[..., Proc], autoscaler: Proc) -> httpx.Client:
+    """A client of a gateway serving tests/fns_scaling.py, whose workers the autoscaler runs."""
+    url = start_gateway(
+        procs, env={k: v for k, v in GATEWAY_ENV.items() if "CAPPED" not in k}, target=TARGET
+    )
+    return httpx.Client(base_url=url, timeout=60)
+
+
+def replicas(client: httpx.Client, function: str) -> dict[str, int | None]:
+    return client.get(f"/v1/functions/{function}").json()["replicas"]
+
+
+def workers_of(autoscaler: Proc, function: str) -> list[int]:
+    """Worker processes the autoscaler runs for ``function``, read from /proc."""
+    pids = []
+    for pid in descendants(autoscaler.pid):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")  # noqa: SIM115
+        except OSError:
+            continue
+        if b"worker" in cmdline and function.encode() in cmdline and alive(pid):
+            pids.append(pid)
+    return pids
+
+
+def all_ended(client: httpx.Client, task_ids: list[str]) -> list[dict[str, object]] | None:
+    tasks = [client.get(f"/v1/tasks/{task_id}").json() for task_id in task_ids]
+    ended = ("succeeded", "failed", "canceled", "timed_out")
+    return tasks if all(task["status"] in ended for task in tasks) else None
+
+
+def test_zero_replicas_stays_ready_and_a_cold_start_answers(
+    scaled: httpx.Client, autoscaler: Proc
+) -> None:
+    wait_until(lambda: replicas(scaled, "cold") == {"current": 0, "desired": 0}, what="zero")
+    assert scaled.get("/readyz").status_code == 200
+    response = scaled.post("/v1/functions/cold/predict?timeout=30", json={"input": "wake up"})
+    assert response.status_code == 200, response.text
+    assert response.json()["output"] == "wake up"
+    assert replicas(scaled, "cold")["current"] == 1
+    # Idle past scale_down_delay_s (1 s): back to zero, the worker drained and gone.
+    wait_until(lambda: replicas(scaled, "cold")["current"] == 0, 15, "scale to zero")
+    wait_until(lambda: not workers_of(autoscaler, "cold"), 15, "the worker to exit")
+
+
+def test_a_burst_scales_up_to_max_replicas_and_back_to_zero(
+    scaled: httpx.Client, autoscaler: Proc
+) -> None:
+    tasks = [
+        scaled.post("/v1/functions/burst/tasks", json={"input": 0.3}).json()["id"]
+        for _ in range(24)
+    ]
+    wait_until(lambda: replicas(scaled, "burst") == {"current": 3, "desired": 3}, 15, "3 replicas")
+    assert len(workers_of(autoscaler, "burst")) == 3
+    done = wait_until(lambda: all_ended(scaled, tasks), 60, "the burst to finish")
+    assert {task["status"] for task in done} == {"succeeded"}
+    wait_until(lambda: replicas(scaled, "burst")["current"] == 0, 20, "scale to zero")
+
+
+def test_sigkill_storm_loses_no_task(scaled: httpx.Client, autoscaler: Proc, redis: Redis) -> None:
+    tasks = [
+        scaled.post("/v1/functions/fragile/tasks", json={"input": 0.3}).json()["id"]
+        for _ in range(500)
+    ]
+    wait_until(lambda: len(workers_of(autoscaler, "fragile")) == 3, 20, "3 fragile workers")
+    rng = random.Random(7)
+    kills = 0
+    deadline = time.monotonic() + 120
+    while not all_ended(scaled, tasks) and time.monotonic() < deadline:
+        pids = workers_of(autoscaler, "fragile")
+        if pids and kills < 6:
+            victim = rng.choice(pids)
+            os.kill(victim, signal.SIGKILL)
+            kills += 1
+        time.sleep(3)
+    done = wait_until(lambda: all_ended(scaled, tasks), 60, "every task to end")
+    statuses = [task["status"] for task in done]
+    assert statuses.count("succeeded") == 500, {s: statuses.count(s) for s in set(statuses)}
+    assert kills >= 3
+    # Killed batches ran again: some tasks needed a second attempt.
+    assert max(int(task["attempts"]) for task in done) >= 2
+    assert redis.zcard("runq:leases:fragile") == 0
+
+
+def test_a_task_whose_worker_dies_without_retries_fails_worker_lost(
+    scaled: httpx.Client, autoscaler: Proc
+) -> None:
+    task = scaled.post("/v1/functions/doomed/tasks", json={"input": 60}).json()
+    wait_until(
+        lambda: scaled.get(f"/v1/tasks/{task['id']}").json()["status"] == "running",
+        30,
+        "the task to start",
+    )
+    (pid,) = workers_of(autoscaler, "doomed")
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    ended = scaled.get(f"/v1/tasks/{task['id']}/result?wait=25").json()
+    assert ended["status"] == "failed"
+    assert ended["error"]["code"] == "worker_lost"
+    # Leases lapse in 8 s and are looked for every second.
+    assert time.monotonic() - killed_at < 15
