@@ -1,14 +1,17 @@
-"""Benchmarks runq against the two things it should come close to.
+"""Benchmarks runq against the two things it should come close to, and under overload.
 
 1. Echo: a bare FastAPI echo app versus runq's echo predict, under the same wrk load at
    concurrency 1, 16 and 64. Shows what the queue and the worker cost per request.
 2. Embedding: all-MiniLM-L6-v2 called directly at batch 32 versus runq's embed predict at
    concurrency 64 (one sentence per request). Shows how much of the model's rate survives serving.
+3. Overload: a fixed-cost function driven open-loop at 10x its measured capacity for
+   2 x --duration seconds, against 0.5x for --duration (benchmarks/overload.py). Shows that
+   admitted requests stay fast and the overflow gets fast 503s.
 
-    python benchmarks/run.py [--duration S] [--only echo|embed] [--json PATH]
+    python benchmarks/run.py [--duration S] [--only echo|embed|overload] [--json PATH]
 
-Needs wrk on PATH (Debian: apt-get install wrk). Every server listens on 127.0.0.1 on a free
-port and is stopped before this exits, Ctrl-C included.
+Echo and embedding need wrk on PATH (Debian: apt-get install wrk). Every server listens on
+127.0.0.1 on a free port and is stopped before this exits, Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -20,19 +23,27 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from harness import (
+    BenchError,
+    Server,
+    after_readyz,
+    free_port,
+    post_json,
+    report_problems,
+    runq_serve_argv,
+    serving,
+    verdict,
+)
+from overload import bench_overload, print_overload
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -45,9 +56,6 @@ WARMUP_S = 3
 # Embedding latency at c=64 is hundreds of ms on a small CPU; wrk's 2 s default would turn a
 # slow tail into "timeouts" and drop it from the percentiles.
 WRK_TIMEOUT_S = 10
-# The embed worker loads torch and the model before it answers.
-READY_TIMEOUT_S = 180
-STOP_TIMEOUT_S = 30
 SENTENCE_COUNT = 1024
 SEED = 20240601
 
@@ -68,10 +76,6 @@ class LoadResult:
     non2xx: int
     non2xx_codes: str
     socket_errors: int
-
-
-class BenchError(Exception):
-    """A run that cannot produce figures; the message says which and why."""
 
 
 # inputs ----------------------------------------------------------------------------------------
@@ -146,110 +150,6 @@ def write_bodies(path: Path, sentences: list[str]) -> Path:
     return path
 
 
-# processes -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Server:
-    """A server process in its own session, so Ctrl-C reaches only us and we stop it in order."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                self.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self) -> None:
-        # SIGTERM to the top process only: `runq serve` stops its gateway, workers and Valkey
-        # itself. The group kill is for a process that ignores it, or a second Ctrl-C.
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=STOP_TIMEOUT_S)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt):
-            print(
-                f"  {self.name} did not stop within {STOP_TIMEOUT_S} s; killing it."
-                f" Its last lines:\n{self.log_tail()}",
-                flush=True,
-            )
-            with suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def log_problems(self, limit: int = 10) -> list[str]:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return []
-        markers = ("Traceback", " ERROR ", " WARNING ", "Error:", "CRITICAL")
-        found = [line for line in text.splitlines() if any(m in line for m in markers)]
-        return found[:limit]
-
-
-@contextmanager
-def serving(server: Server, check: Callable[[], None]) -> Iterator[Server]:
-    """Starts a server, waits until `check` passes, and always stops it afterwards."""
-    try:
-        server.start()
-        wait_until_ready(server, check)
-        yield server
-    finally:
-        server.stop()
-
-
-def wait_until_ready(server: Server, check: Callable[[], None]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    last_error = "no attempt yet"
-    while time.monotonic() < deadline:
-        if not server.alive():
-            raise BenchError(f"{server.name} exited early:\n{server.log_tail()}")
-        try:
-            check()
-            return
-        except (OSError, ValueError, BenchError) as exc:
-            last_error = str(exc)
-            time.sleep(0.25)
-    raise BenchError(
-        f"{server.name} not ready after {READY_TIMEOUT_S} s ({last_error}):\n{server.log_tail()}"
-    )
-
-
-def post_json(url: str, body: object, timeout: float = 60.0) -> Any:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-def get_ok(url: str) -> None:
-    with urllib.request.urlopen(url, timeout=2):
-        pass
-
-
 # load ------------------------------------------------------------------------------------------
 
 
@@ -301,14 +201,6 @@ def warm_up(url: str, bodies: Path, concurrency: int) -> None:
     run_wrk(url, bodies, concurrency, WARMUP_S)
 
 
-def report_problems(server: Server) -> None:
-    problems = server.log_problems()
-    if problems:
-        print(f"  note: {server.name} logged problems (first {len(problems)} lines):")
-        for line in problems:
-            print(f"    {line}")
-
-
 # echo ------------------------------------------------------------------------------------------
 
 
@@ -348,7 +240,7 @@ def _bench_echo_target(
     body = json.loads(bodies.read_text().splitlines()[0])
     check = echo_check(url, body)
     if ready_port is not None:
-        check = _after_readyz(ready_port, check)
+        check = after_readyz(ready_port, check)
     results = []
     print(f"  {target}: starting {server.name}", flush=True)
     with serving(server, check):
@@ -359,19 +251,6 @@ def _bench_echo_target(
             results.append(result)
     report_problems(server)
     return results
-
-
-def runq_serve_argv(target: str, port: int) -> list[str]:
-    # The module, not the console script: the same interpreter (and venv) as this harness.
-    return [sys.executable, "-m", "runq", "serve", target, "--port", str(port)]
-
-
-def _after_readyz(port: int, check: Callable[[], None]) -> Callable[[], None]:
-    def both() -> None:
-        get_ok(f"http://127.0.0.1:{port}/readyz")
-        check()
-
-    return both
 
 
 def echo_ratios(results: list[LoadResult]) -> list[dict[str, Any]]:
@@ -399,13 +278,11 @@ def print_echo(results: list[LoadResult], ratios: list[dict[str, Any]], duration
         concurrency, ratio, added = row["concurrency"], row["rps_ratio"], row["added_p50_ms"]
         target = ""
         if concurrency == 64:
-            target = _verdict(
+            target = verdict(
                 ratio >= MIN_ECHO_RPS_RATIO_C64, f"req/s >= {MIN_ECHO_RPS_RATIO_C64:.0%} of bare"
             )
         elif concurrency == 1:
-            target = _verdict(
-                added <= MAX_ADDED_P50_MS_C1, f"added p50 <= {MAX_ADDED_P50_MS_C1} ms"
-            )
+            target = verdict(added <= MAX_ADDED_P50_MS_C1, f"added p50 <= {MAX_ADDED_P50_MS_C1} ms")
         print(f"{concurrency:>4}  {ratio:>15.1%}  {added:>12.2f}  {target}".rstrip())
 
 
@@ -422,10 +299,6 @@ def _load_table(results: list[LoadResult]) -> str:
             f"  {r.requests:>9,}  {non2xx:>7}  {r.socket_errors:>8}"
         )
     return "\n".join(rows)
-
-
-def _verdict(ok: bool, target: str) -> str:
-    return f"{'MET ' if ok else 'MISSED'} ({target})"
 
 
 # embed -----------------------------------------------------------------------------------------
@@ -466,7 +339,7 @@ def bench_runq_embed(tmp: Path, bodies: Path, duration_s: float) -> LoadResult:
     argv = runq_serve_argv("examples/embed.py", port)
     server = Server("runq serve examples/embed.py", argv, tmp / "runq_embed.log")
     body = json.loads(bodies.read_text().splitlines()[0])
-    check = _after_readyz(port, embed_check(url, body))
+    check = after_readyz(port, embed_check(url, body))
     print(f"  runq: starting {server.name}", flush=True)
     with serving(server, check):
         warm_up(url, bodies, EMBED_CONCURRENCY)
@@ -495,8 +368,8 @@ def print_embed(offline: dict[str, Any] | None, served: LoadResult | None) -> di
     if offline is not None and served is not None and offline["sentences_per_s"]:
         ratio = served.rps / offline["sentences_per_s"]
         summary["ratio"] = ratio
-        verdict = _verdict(ratio >= MIN_EMBED_RATIO, f">= {MIN_EMBED_RATIO:.0%} of direct")
-        print(f"  runq / direct: {ratio:.1%}  {verdict}")
+        judged = verdict(ratio >= MIN_EMBED_RATIO, f">= {MIN_EMBED_RATIO:.0%} of direct")
+        print(f"  runq / direct: {ratio:.1%}  {judged}")
     return summary
 
 
@@ -508,7 +381,9 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured run")
-    parser.add_argument("--only", choices=("echo", "embed"), help="run one of the two benchmarks")
+    parser.add_argument(
+        "--only", choices=("echo", "embed", "overload"), help="run one of the three benchmarks"
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     return parser
 
@@ -523,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration <= 0:
         print("run.py: --duration must be positive", file=sys.stderr)
         return 2
-    if shutil.which("wrk") is None:
+    if args.only != "overload" and shutil.which("wrk") is None:
         print(
             "run.py: wrk is not on PATH; install it (Debian/Ubuntu: apt-get install -y wrk)",
             file=sys.stderr,
@@ -549,11 +424,8 @@ def _run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     sentences = make_sentences(SENTENCE_COUNT, SEED)
     bodies = write_bodies(tmp / "bodies.jsonl", sentences)
     results: dict[str, Any] = {"meta": _meta(args.duration, len(sentences))}
-    print(
-        f"runq benchmarks: {os.cpu_count()} CPUs, wrk -t1, {args.duration:g} s per run,"
-        f" {WARMUP_S} s warm-up per server",
-        flush=True,
-    )
+    wrk_runs = "" if args.only == "overload" else f", wrk -t1, {WARMUP_S} s warm-up per server"
+    print(f"runq benchmarks: {os.cpu_count()} CPUs, {args.duration:g} s per run{wrk_runs}")
     # Offline first: nothing else may compete with the model for the CPU.
     offline = None
     if args.only in (None, "embed"):
@@ -571,13 +443,18 @@ def _run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         served = bench_runq_embed(tmp, bodies, args.duration)
         summary = print_embed(offline, served)
         results["embed"] = {"offline": offline, "runq": asdict(served), **summary}
+    if args.only in (None, "overload"):
+        results["overload"] = bench_overload(tmp, args.duration)
+        print_overload(results["overload"])
     return results
 
 
 def _meta(duration_s: float, sentence_count: int) -> dict[str, Any]:
-    wrk_version = subprocess.run(
-        ["wrk", "--version"], capture_output=True, text=True, check=False
-    ).stdout.splitlines()
+    wrk_version: list[str] = []
+    if shutil.which("wrk") is not None:
+        wrk_version = subprocess.run(
+            ["wrk", "--version"], capture_output=True, text=True, check=False
+        ).stdout.splitlines()
     return {
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
@@ -592,7 +469,9 @@ def _had_errors(results: dict[str, Any]) -> bool:
     runs = list(results.get("echo", {}).get("runs", []))
     if "embed" in results:
         runs.append(results["embed"]["runq"])
-    return any(run["non2xx"] or run["socket_errors"] for run in runs)
+    # Overload's 503 queue_full answers are the point of it; anything else is an error.
+    overload_errors = any(p["other_errors"] for p in results.get("overload", {}).get("phases", []))
+    return overload_errors or any(run["non2xx"] or run["socket_errors"] for run in runs)
 
 
 if __name__ == "__main__":

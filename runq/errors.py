@@ -55,6 +55,11 @@ class Conflict(RunqError):
     code = "conflict"
 
 
+class Gone(RunqError):
+    status_code = 410
+    code = "gone"
+
+
 class PayloadTooLarge(RunqError):
     status_code = 413
     code = "payload_too_large"

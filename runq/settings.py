@@ -39,8 +39,9 @@ class FunctionSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_batch_size: int = Field(32, ge=1, le=10_000)
-    # How long a worker may wait to fill a batch; never a reason to reject a request.
-    max_latency_ms: float = Field(10.0, ge=0, le=60_000)
+    # How long a worker may wait to fill a batch; never a reason to reject a request. Bounded
+    # well below the lease TTL: tasks claimed early in the window are leased but not renewed.
+    max_latency_ms: float = Field(10.0, ge=0, le=5_000)
     timeout_s: float = Field(30.0, gt=0)
     max_queue: int = Field(10_000, ge=1)
     max_concurrency: int | None = Field(None, ge=1)

@@ -75,7 +75,6 @@ def admitted(inputs: list[Any]) -> list[Any]:
 
 @runq.function(max_batch_size=8, max_latency_ms=50)
 def fails(inputs: list[str]) -> list[str]:
-    _record_call("fails", inputs)
     if "boom" in inputs:
         raise ValueError("cannot digest 'boom'")
     return inputs
@@ -129,6 +128,15 @@ def limited(seconds: list[float]) -> list[float]:
         time.sleep(max(seconds))
         redis.decrby(RUNNING_KEY, len(seconds))
     return seconds
+
+
+@runq.function(max_batch_size=8, max_latency_ms=1)
+def poison(inputs: list[str]) -> list[str]:
+    """Has no worker until a test starts one; records each call; cannot digest 'boom'."""
+    _record_call("poison", inputs)
+    if "boom" in inputs:
+        raise ValueError("cannot digest 'boom'")
+    return inputs
 
 
 @runq.function(max_batch_size=3, max_latency_ms=1)

@@ -11,7 +11,14 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
-from runq.errors import BadRequest, RunqError, Unavailable, ValidationFailed
+from runq.errors import (
+    BadRequest,
+    Overloaded,
+    QueueFull,
+    RunqError,
+    Unavailable,
+    ValidationFailed,
+)
 
 logger = logging.getLogger("runq.gateway")
 
@@ -22,7 +29,9 @@ def error_response(error: RunqError) -> JSONResponse:
 
 async def _runq_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RunqError)
-    if exc.status_code >= 500:
+    # Shedding load is the gateway working as configured: a line per refusal would cost the
+    # most exactly when the gateway is busiest.
+    if exc.status_code >= 500 and not isinstance(exc, QueueFull | Overloaded):
         logger.warning("%s: %s", exc.code, exc.message)
     return error_response(exc)
 

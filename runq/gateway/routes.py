@@ -27,7 +27,7 @@ from runq.functions import Function
 from runq.gateway.limits import InflightLimit
 from runq.queue import constants as k
 from runq.queue.store import Admission, Admitted, TaskStore, new_task_id
-from runq.queue.tasks import TERMINAL, TaskStatus, error_json
+from runq.queue.tasks import TERMINAL, TIMED_OUT_CODE, TaskStatus, error_json
 from runq.queue.waiter import TaskWaiter
 from runq.settings import FunctionSettings, Settings
 
@@ -82,7 +82,7 @@ def _inflight(request: Request) -> InflightLimit:
     return inflight
 
 
-def _idempotency_key(
+async def _idempotency_key(
     key: str | None = Header(
         None,
         alias="Idempotency-Key",
@@ -95,8 +95,10 @@ def _idempotency_key(
 
 
 def _body_digest(body: BaseModel) -> str:
-    # The validated body, canonically encoded: the same request always has the same digest.
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    # The validated body, canonically encoded, unset fields left out: the same request always
+    # has the same digest, whether it came to predict or to submit.
+    fields = body.model_dump(mode="json", exclude_none=True)
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -326,11 +328,12 @@ async def _give_up(
     before = await store.cancel(
         task_id,
         k.queue_name(task["function"], task["priority"]),
-        only_if_queued=True,
-        error=error_json("canceled", f"predict timed out after {wait_s} s before it started"),
+        which="queued",
+        # The same end as a deadline that passes in the queue: nobody waits for an answer now.
+        error=error_json(TIMED_OUT_CODE, f"predict timed out after {wait_s} s before it started"),
     )
     if before == "queued":
-        return message + "; it never started and was canceled"
+        return message + "; it never started and was withdrawn"
     return message + "; it is still running"
 
 
@@ -418,7 +421,7 @@ def _generic_routes(app: FastAPI, served: dict[str, Served], settings: Settings)
         if queue is None:
             raise NotFound(f"no task {task_id}")
         before = await store.cancel(
-            task_id, queue, only_if_queued=False, error=error_json("canceled", "canceled")
+            task_id, queue, which="any", error=error_json("canceled", "canceled")
         )
         task = await task_or_404(store, task_id, with_output=False)
         if before not in ("queued", "started"):

@@ -38,7 +38,9 @@ end
 # pairs. With no worker registered, the function name is published on the demand channel: an
 # autoscaler at zero replicas starts one at once instead of on its next look.
 # Returns {1, id} enqueued; {0, drain rate} the queue was full (nothing written); {2, id} the
-# key's task, same body; {3, id} the key's task, another body.
+# key's task, same body; {3, id} the key's task, another body; {4, id} the key's task has
+# expired. A key whose task was withdrawn before it ever started (a predict that timed out in
+# the queue) is free again: a retry must be able to run what never ran.
 ENQUEUE = (
     _SERVER_NOW
     + _DRAIN_RATE
@@ -46,11 +48,18 @@ ENQUEUE = (
 local idempotency = KEYS[10]
 if idempotency then
   local held = redis.call('HMGET', idempotency, 'task', 'body')
-  if held[1] and redis.call('EXISTS', ARGV[6] .. held[1]) == 1 then
-    if held[2] == ARGV[5] then
-      return {2, held[1]}
+  if held[1] then
+    local task = redis.call('HMGET', ARGV[6] .. held[1], 'status', 'started_at')
+    if not task[1] then
+      return {4, held[1]}
     end
-    return {3, held[1]}
+    local never_ran = task[1] == 'canceled' and (not task[2] or task[2] == '')
+    if not never_ran then
+      if held[2] == ARGV[5] then
+        return {2, held[1]}
+      end
+      return {3, held[1]}
+    end
   end
 end
 local now = server_now()
@@ -76,6 +85,8 @@ end
 if idempotency then
   redis.call('HSET', idempotency, 'task', ARGV[2], 'body', ARGV[5])
   redis.call('EXPIRE', idempotency, tonumber(ARGV[4]))
+  -- Deleting the task frees its key.
+  redis.call('HSET', KEYS[2], 'runq_idempotency', idempotency)
 end
 return {1, ARGV[2]}
 """
@@ -85,24 +96,35 @@ return {1, ARGV[2]}
 # runs it sees the change (WATCH) and leaves the status alone when its batch ends. Waiters hear
 # the bare task id on the task's channel and on its reply channel, and re-read the task.
 # KEYS[1] job hash, KEYS[2] queue list, KEYS[3] canceled registry
-# ARGV[1] task id, ARGV[2] ended_at (RQ's time format), ARGV[3] now (epoch s),
-# ARGV[4] '1' to cancel only a task that is still queued, ARGV[5] runq error JSON,
-# ARGV[6] the task's channel
-# Returns the RQ status the task had, or false when there is no such task.
-CANCEL = """
+# ARGV[1] task id, ARGV[2] ended_at (RQ's time format), ARGV[3] runq error JSON,
+# ARGV[4] the task's channel, ARGV[5] which tasks: 'any' not ended, 'queued' only, or 'due':
+# only a queued task whose deadline to start has passed (a read ends a task no worker has
+# looked at yet)
+# Returns the RQ status the task had, false when there is no such task, or 'not_due' when
+# 'due' found nothing to end.
+CANCEL = (
+    _SERVER_NOW
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
   return false
 end
-if status == 'queued' or (status == 'started' and ARGV[4] == '0') then
+local now = server_now()
+if ARGV[5] == 'due' then
+  local deadline = tonumber(redis.call('HGET', KEYS[1], 'runq_deadline') or '')
+  if status ~= 'queued' or not deadline or deadline > now then
+    return 'not_due'
+  end
+end
+if status == 'queued' or (status == 'started' and ARGV[5] == 'any') then
   if status == 'queued' then
     redis.call('LREM', KEYS[2], 0, ARGV[1])
   end
   local ttl = tonumber(redis.call('HGET', KEYS[1], 'result_ttl') or '3600')
-  redis.call('HSET', KEYS[1], 'status', 'canceled', 'ended_at', ARGV[2], 'runq_error', ARGV[5])
-  redis.call('ZADD', KEYS[3], tonumber(ARGV[3]) + ttl, ARGV[1])
+  redis.call('HSET', KEYS[1], 'status', 'canceled', 'ended_at', ARGV[2], 'runq_error', ARGV[3])
+  redis.call('ZADD', KEYS[3], now + ttl, ARGV[1])
   redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('PUBLISH', ARGV[6], ARGV[1])
+  redis.call('PUBLISH', ARGV[4], ARGV[1])
   local reply_to = redis.call('HGET', KEYS[1], 'runq_reply_to')
   if reply_to then
     redis.call('PUBLISH', reply_to, ARGV[1])
@@ -110,6 +132,7 @@ if status == 'queued' or (status == 'started' and ARGV[4] == '0') then
 end
 return status
 """
+)
 
 # Delete a task and everything RQ keeps about it.
 # KEYS[1] job hash, KEYS[2] queue list, KEYS[3] results stream, KEYS[4] the job's executions,
@@ -126,6 +149,10 @@ for _, execution in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
   redis.call('DEL', ARGV[2] .. composite)
 end
 redis.call('LREM', KEYS[2], 0, ARGV[1])
+local idempotency = redis.call('HGET', KEYS[1], 'runq_idempotency')
+if idempotency then
+  redis.call('DEL', idempotency)
+end
 redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('ZREM', KEYS[7], ARGV[1])
@@ -227,16 +254,28 @@ return {queued, running, redis.call('SCARD', KEYS[5]), replicas[1], replicas[2]}
 """
 )
 
-# Renew the leases of tasks that are still running (a lease already released stays released).
+# Renew the leases of tasks that are still running. A lease released, or one that lapsed (the
+# worker stalled past it: its task may be re-queued and run elsewhere), stays gone.
 # KEYS[1] leases; ARGV[1] lease TTL s, ARGV[2..] task ids
+# Returns the ids whose lease had lapsed.
 RENEW = (
     _SERVER_NOW
     + """
-local lease_until = server_now() + tonumber(ARGV[1])
+local now = server_now()
+local lost = {}
 for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', lease_until, ARGV[i])
+  local expiry = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  -- No lease: released by the batch's record (a renewal racing the end of the batch), or
+  -- already reaped; either way it is not this renewal's to bring back.
+  if expiry then
+    if tonumber(expiry) > now then
+      redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
+    else
+      lost[#lost + 1] = ARGV[i]
+    end
+  end
 end
-return #ARGV - 1
+return lost
 """
 )
 

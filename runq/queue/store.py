@@ -6,18 +6,22 @@ import hashlib
 import math
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis import Redis
+from rq.job import JobStatus
 from rq.utils import now, utcformat
 
-from runq.errors import IdempotencyConflict, QueueFull
+from runq.errors import Gone, IdempotencyConflict, QueueFull
 from runq.queue import constants as k
 from runq.queue import scripts
 from runq.queue.tasks import (
+    DEADLINE_FIELD,
     TaskStatus,
+    deadline_passed_error,
     new_job_fields,
     queued_view,
     result_output,
@@ -169,6 +173,12 @@ class TaskStore:
                 "use a new key for a new request",
                 task_id=held,
             )
+        if outcome == _EXPIRED:
+            raise Gone(
+                f"Idempotency-Key names task {held}, whose record has expired (result_ttl_s); "
+                "use a new key to run it again",
+                task_id=held,
+            )
         raise QueueFull(
             f"function {function!r} already has {settings.max_queue} queued tasks",
             retry_after_s=retry_after_s(float(held), settings.max_queue),
@@ -184,27 +194,28 @@ class TaskStore:
         fields = replies[0]
         if not fields:
             return None
+        if _overdue_in_queue(fields) and await self._end_if_due(task_id, fields):
+            return await self.read(task_id, with_output=with_output)
         task = task_view(task_id, fields)
         if with_output and task["status"] == TaskStatus.SUCCEEDED and replies[1]:
             task["output"] = result_output(replies[1][0][1])
         return task
 
     async def cancel(
-        self, task_id: str, queue: str, *, only_if_queued: bool, error: str
+        self, task_id: str, queue: str, *, which: CancelScope, error: str
     ) -> str | None:
         """Cancels a task that has not ended; returns the RQ status it had (None: no task)."""
         before = await self._cancel(
             keys=[k.job_key(task_id), k.queue_key(queue), k.canceled_registry_key(queue)],
-            args=[
-                task_id,
-                utcformat(now()),
-                time.time(),
-                "1" if only_if_queued else "0",
-                error,
-                k.task_channel(task_id),
-            ],
+            args=[task_id, utcformat(now()), error, k.task_channel(task_id), which],
         )
         return before.decode() if before else None
+
+    async def _end_if_due(self, task_id: str, fields: Mapping[bytes, bytes]) -> bool:
+        """Ends a queued task past its deadline to start, as a worker's claim would."""
+        queue = fields[b"origin"].decode()
+        before = await self.cancel(task_id, queue, which="due", error=deadline_passed_error())
+        return before == JobStatus.QUEUED.value
 
     async def queue_of(self, task_id: str) -> str | None:
         """The RQ queue the task was enqueued on (its function and priority); None: no task."""
@@ -230,7 +241,19 @@ class TaskStore:
         return FunctionFigures.from_reply(await self._figures(keys=k.figures_keys(function)))
 
 
-_ENQUEUED, _FULL, _REPLAYED, _CONFLICT = 1, 0, 2, 3
+_ENQUEUED, _FULL, _REPLAYED, _CONFLICT, _EXPIRED = 1, 0, 2, 3, 4
+
+# Which tasks a cancel may end: any not ended yet, only queued ones, or only queued ones whose
+# deadline to start has passed.
+CancelScope = Literal["any", "queued", "due"]
+
+
+def _overdue_in_queue(fields: Mapping[bytes, bytes]) -> bool:
+    # A cheap local pre-check on this host's clock; the script decides on the server's.
+    deadline = fields.get(DEADLINE_FIELD.encode())
+    return fields.get(b"status") == JobStatus.QUEUED.value.encode() and (
+        deadline is not None and float(deadline) <= time.time()
+    )
 
 
 def _digest(value: str) -> str:

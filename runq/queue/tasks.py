@@ -53,6 +53,7 @@ _FROM_RQ = {
 
 # Plain hash fields runq's scripts read: the deadline to start by, the one to end by (server
 # epoch seconds), and where a waiting predict listens.
+DEADLINE_FIELD = "runq_deadline"
 FINISH_BY_FIELD = "runq_finish_by"
 _REPLY_TO_FIELD = "runq_reply_to"
 _ATTEMPTS_FIELD = "runq_attempts"
@@ -60,6 +61,10 @@ _ATTEMPTS_FIELD = "runq_attempts"
 
 def error_json(code: str, message: str) -> str:
     return json.dumps({"code": code, "message": message})
+
+
+def deadline_passed_error() -> str:
+    return error_json(TIMED_OUT_CODE, "the task's deadline passed before it could start")
 
 
 def new_job_fields(

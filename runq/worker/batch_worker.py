@@ -249,8 +249,8 @@ class BatchWorker(SimpleWorker):
     def _release_slots(self, pipe: Pipeline, running: list[Running]) -> None:
         pipe.zrem(self.leases_key, *(task.task_id for task in running))
         if self.settings.max_concurrency is not None:
-            # Wake a worker that found every slot taken; more tokens than slots wake no one new.
-            pipe.lpush(self.slots_key, 1)
+            # Wake as many workers as slots were freed; more tokens than slots wake no one new.
+            pipe.lpush(self.slots_key, *[1] * len(running))
             pipe.ltrim(self.slots_key, 0, self.settings.max_concurrency - 1)
 
     def _record_one(self, pipe: Pipeline, task: Running, outcome: Outcome, ended: Any) -> None:

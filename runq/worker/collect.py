@@ -12,7 +12,7 @@ from rq.utils import now, utcformat
 from runq.functions import Function
 from runq.queue import constants as k
 from runq.queue import scripts
-from runq.queue.tasks import TIMED_OUT_CODE, error_json
+from runq.queue.tasks import deadline_passed_error
 from runq.settings import FunctionSettings
 
 RawHash = dict[bytes, bytes]
@@ -98,7 +98,7 @@ class BatchCollector:
                 max(wanted, 0),
                 self.worker_name,
                 utcformat(now()),
-                error_json(TIMED_OUT_CODE, "the task's deadline passed before it could start"),
+                deadline_passed_error(),
                 k.RQ_JOB_PREFIX,
                 k.RQ_CANCELED_PREFIX,
                 self.settings.max_concurrency or 0,

@@ -3,6 +3,9 @@
 A lease says "this task is running and its worker is alive". The claim script grants it for
 LEASE_TTL_S; a thread renews it every LEASE_RENEW_INTERVAL_S, so a model call of any length keeps
 it, and a worker that dies loses it within LEASE_TTL_S (and with it its max_concurrency slots).
+The thread needs the GIL: a model whose native code holds the GIL for longer than LEASE_TTL_S
+loses its leases, and its tasks are re-queued as a dead worker's would be (numpy, torch and
+most I/O release it).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ class LeaseKeeper:
 
     def stop(self) -> None:
         self._stopping.set()
-        self._thread.join()
+        # A renewal stuck on an unreachable Redis must not hold up the worker's exit.
+        self._thread.join(timeout=k.LEASE_RENEW_INTERVAL_S)
 
     def hold(self, task_ids: list[str]) -> None:
         self._held = tuple(task_ids)
@@ -48,8 +52,20 @@ class LeaseKeeper:
             if not held:
                 continue
             try:
-                self._renew(keys=[self._key], args=[k.LEASE_TTL_S, *held])
+                lost = self._renew(keys=[self._key], args=[k.LEASE_TTL_S, *held])
             except RedisError as exc:
                 # The next renewal may get through before the leases lapse; if not, the tasks
                 # are treated as lost, which is what an unreachable worker is.
                 logger.warning("cannot renew %d task leases: %s", len(held), exc)
+                continue
+            except Exception:
+                # Anything else would end the thread silently and every later lease with it.
+                logger.exception("renewing task leases failed")
+                continue
+            if lost:
+                # Its outcome will not be recorded: the task is no longer this worker's.
+                logger.warning(
+                    "%d task lease(s) lapsed before renewal (the worker stalled); "
+                    "those tasks go back to the queue or fail worker_lost",
+                    len(lost),
+                )

@@ -223,7 +223,7 @@ def test_predict_timeout_is_504_on_time_and_names_the_running_task(client: httpx
 
 
 @pytest.mark.usefixtures("parked")
-def test_predict_timeout_cancels_a_task_that_never_started(
+def test_predict_timeout_withdraws_a_task_that_never_started(
     client: httpx.Client, procs: Callable[..., Proc], redis: Redis
 ) -> None:
     started = time.monotonic()
@@ -232,7 +232,9 @@ def test_predict_timeout_cancels_a_task_that_never_started(
     assert response.status_code == 504
     assert 1.0 <= elapsed <= 1.5, elapsed
     task_id = response.json()["error"]["task_id"]
-    assert client.get(f"/v1/tasks/{task_id}").json()["status"] == "canceled"
+    task = client.get(f"/v1/tasks/{task_id}").json()
+    assert task["status"] == "timed_out"
+    assert task["started_at"] is None
     assert redis.llen(PARKED_QUEUE) == 0
 
 
