@@ -1,5 +1,6 @@
 """What every benchmark needs: servers started in their own session and always stopped, free
-loopback ports, readiness checks and a few HTTP helpers. Shared by run.py and overload.py.
+loopback ports, readiness checks and a few HTTP helpers. Shared by run.py, overload.py and
+lifecycle.py.
 """
 
 from __future__ import annotations
@@ -124,6 +125,11 @@ def post_json(url: str, body: object, timeout: float = 60.0) -> Any:
         url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
     )
     with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def get_json(url: str, timeout: float = 5.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         return json.loads(response.read())
 
 

@@ -7,8 +7,11 @@
 3. Overload: a fixed-cost function driven open-loop at 10x its measured capacity for
    2 x --duration seconds, against 0.5x for --duration (benchmarks/overload.py). Shows that
    admitted requests stay fast and the overflow gets fast 503s.
+4. Lifecycle: the first answer from zero workers against the function's setup() time, and the
+   time until a task whose worker got SIGKILL is re-queued or failed worker_lost
+   (benchmarks/lifecycle.py).
 
-    python benchmarks/run.py [--duration S] [--only echo|embed|overload] [--json PATH]
+    python benchmarks/run.py [--duration S] [--only echo|embed|overload|lifecycle] [--json PATH]
 
 Echo and embedding need wrk on PATH (Debian: apt-get install wrk). Every server listens on
 127.0.0.1 on a free port and is stopped before this exits, Ctrl-C included.
@@ -43,6 +46,8 @@ from harness import (
     serving,
     verdict,
 )
+from lifecycle import bench_lifecycle, print_lifecycle
+from lifecycle import had_errors as lifecycle_had_errors
 from overload import bench_overload, print_overload
 
 HERE = Path(__file__).resolve().parent
@@ -63,6 +68,9 @@ SEED = 20240601
 MIN_ECHO_RPS_RATIO_C64 = 0.40
 MAX_ADDED_P50_MS_C1 = 1.5
 MIN_EMBED_RATIO = 0.90
+
+# Benchmarks that drive the servers themselves, without wrk.
+NO_WRK = ("overload", "lifecycle")
 
 
 @dataclass
@@ -382,7 +390,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured run")
     parser.add_argument(
-        "--only", choices=("echo", "embed", "overload"), help="run one of the three benchmarks"
+        "--only",
+        choices=("echo", "embed", "overload", "lifecycle"),
+        help="run one of the four benchmarks",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     return parser
@@ -398,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration <= 0:
         print("run.py: --duration must be positive", file=sys.stderr)
         return 2
-    if args.only != "overload" and shutil.which("wrk") is None:
+    if args.only not in NO_WRK and shutil.which("wrk") is None:
         print(
             "run.py: wrk is not on PATH; install it (Debian/Ubuntu: apt-get install -y wrk)",
             file=sys.stderr,
@@ -424,7 +434,7 @@ def _run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     sentences = make_sentences(SENTENCE_COUNT, SEED)
     bodies = write_bodies(tmp / "bodies.jsonl", sentences)
     results: dict[str, Any] = {"meta": _meta(args.duration, len(sentences))}
-    wrk_runs = "" if args.only == "overload" else f", wrk -t1, {WARMUP_S} s warm-up per server"
+    wrk_runs = "" if args.only in NO_WRK else f", wrk -t1, {WARMUP_S} s warm-up per server"
     print(f"runq benchmarks: {os.cpu_count()} CPUs, {args.duration:g} s per run{wrk_runs}")
     # Offline first: nothing else may compete with the model for the CPU.
     offline = None
@@ -446,6 +456,9 @@ def _run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     if args.only in (None, "overload"):
         results["overload"] = bench_overload(tmp, args.duration)
         print_overload(results["overload"])
+    if args.only in (None, "lifecycle"):
+        results["lifecycle"] = bench_lifecycle(tmp)
+        print_lifecycle(results["lifecycle"])
     return results
 
 
@@ -471,7 +484,12 @@ def _had_errors(results: dict[str, Any]) -> bool:
         runs.append(results["embed"]["runq"])
     # Overload's 503 queue_full answers are the point of it; anything else is an error.
     overload_errors = any(p["other_errors"] for p in results.get("overload", {}).get("phases", []))
-    return overload_errors or any(run["non2xx"] or run["socket_errors"] for run in runs)
+    lifecycle_errors = "lifecycle" in results and lifecycle_had_errors(results["lifecycle"])
+    return (
+        overload_errors
+        or lifecycle_errors
+        or any(run["non2xx"] or run["socket_errors"] for run in runs)
+    )
 
 
 if __name__ == "__main__":

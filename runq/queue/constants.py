@@ -17,7 +17,6 @@ from rq.registry import (
     StartedJobRegistry,
 )
 from rq.results import Result
-from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 RUNQ_PREFIX = "runq:"
 QUEUE_NAME_PREFIX = "runq."
@@ -53,6 +52,9 @@ WAKE_TOKENS_MAX = 64
 # renew their tasks' leases while they run; a crashed worker's leases lapse, and with them its
 # share of max_concurrency.
 LEASES_PREFIX = RUNQ_PREFIX + "leases:"
+# A function's live workers: sorted set of worker names scored by the expiry of their last
+# heartbeat (same TTL as leases). RQ's own registration outlives a killed worker by minutes.
+ALIVE_PREFIX = RUNQ_PREFIX + "alive:"
 LEASE_TTL_S = 8.0
 LEASE_RENEW_INTERVAL_S = 2.0
 # A function's slot list: a worker that ends a batch of a concurrency-capped function pushes a
@@ -117,6 +119,10 @@ def leases_key(function: str) -> str:
     return LEASES_PREFIX + function
 
 
+def alive_key(function: str) -> str:
+    return ALIVE_PREFIX + function
+
+
 def slots_key(function: str) -> str:
     return SLOTS_PREFIX + function
 
@@ -134,7 +140,7 @@ def figures_keys(function: str) -> list[str]:
     return [
         *queue_keys(function),
         leases_key(function),
-        workers_key(function),
+        alive_key(function),
         replicas_key(function),
     ]
 
@@ -169,10 +175,6 @@ def failed_registry_key(queue: str) -> str:
 
 def canceled_registry_key(queue: str) -> str:
     return CanceledJobRegistry.key_template.format(queue)
-
-
-def workers_key(function: str) -> str:
-    return str(WORKERS_BY_QUEUE_KEY % queue_name(function))
 
 
 def task_channel(task_id: str) -> str:

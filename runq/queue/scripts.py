@@ -30,12 +30,12 @@ end
 # number of gateways together never push a function past max_queue.
 # KEYS[1] the task's queue list, KEYS[2] its job hash, KEYS[3] RQ's set of queue keys,
 # KEYS[4..6] the function's queue lists (every priority), KEYS[7] wake list, KEYS[8] drain hash,
-# KEYS[9] the function's registered workers, KEYS[10] idempotency key (absent: none)
+# KEYS[9] the function's live workers, KEYS[10] idempotency key (absent: none)
 # ARGV[1] max_queue, ARGV[2] task id, ARGV[3] drain window s, ARGV[4] idempotency TTL s,
 # ARGV[5] body digest, ARGV[6] prefix of job hash keys ("rq:job:"), ARGV[7] wake tokens max,
 # ARGV[8] seconds from now it must start by ('' none), ARGV[9] seconds from now it must end by
 # ('' none), ARGV[10] demand channel, ARGV[11] function name, ARGV[12..] job hash field/value
-# pairs. With no worker registered, the function name is published on the demand channel: an
+# pairs. With no live worker, the function name is published on the demand channel: an
 # autoscaler at zero replicas starts one at once instead of on its next look.
 # Returns {1, id} enqueued; {0, drain rate} the queue was full (nothing written); {2, id} the
 # key's task, same body; {3, id} the key's task, another body; {4, id} the key's task has
@@ -79,7 +79,7 @@ redis.call('RPUSH', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[3], KEYS[1])
 redis.call('LPUSH', KEYS[7], '1')
 redis.call('LTRIM', KEYS[7], 0, tonumber(ARGV[7]) - 1)
-if redis.call('SCARD', KEYS[9]) == 0 then
+if redis.call('ZCOUNT', KEYS[9], '(' .. tostring(now), '+inf') == 0 then
   redis.call('PUBLISH', ARGV[10], ARGV[11])
 end
 if idempotency then
@@ -239,37 +239,43 @@ return {started, expired, at_capacity, tostring(now)}
 )
 
 # A function's live figures, on the server's clock.
-# KEYS[1..3] the function's queue lists, KEYS[4] leases, KEYS[5] its registered RQ workers,
+# KEYS[1..3] the function's queue lists, KEYS[4] leases, KEYS[5] its live workers,
 # KEYS[6] the autoscaler's replicas hash
-# Returns {queued, running (live leases), registered workers, replicas current, replicas desired}
+# Returns {queued, running (live leases), live workers, replicas current, replicas desired}
 # (the last two false when no autoscaler manages the function).
 FIGURES = (
     _SERVER_NOW
     + """
 local queued = redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2])
   + redis.call('LLEN', KEYS[3])
-local running = redis.call('ZCOUNT', KEYS[4], '(' .. tostring(server_now()), '+inf')
+local now = '(' .. tostring(server_now())
+local running = redis.call('ZCOUNT', KEYS[4], now, '+inf')
+local workers = redis.call('ZCOUNT', KEYS[5], now, '+inf')
 local replicas = redis.call('HMGET', KEYS[6], 'current', 'desired')
-return {queued, running, redis.call('SCARD', KEYS[5]), replicas[1], replicas[2]}
+return {queued, running, workers, replicas[1], replicas[2]}
 """
 )
 
-# Renew the leases of tasks that are still running. A lease released, or one that lapsed (the
-# worker stalled past it: its task may be re-queued and run elsewhere), stays gone.
-# KEYS[1] leases; ARGV[1] lease TTL s, ARGV[2..] task ids
+# A worker's heartbeat: renews its presence among the function's live workers and the leases of
+# the tasks it runs. A lease released, or one that lapsed (the worker stalled past it: its task
+# may be re-queued and run elsewhere), stays gone.
+# KEYS[1] leases, KEYS[2] live workers; ARGV[1] TTL s, ARGV[2] worker name, ARGV[3..] task ids
 # Returns the ids whose lease had lapsed.
 RENEW = (
     _SERVER_NOW
     + """
 local now = server_now()
+local until_then = now + tonumber(ARGV[1])
+redis.call('ZADD', KEYS[2], until_then, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tostring(now))
 local lost = {}
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local expiry = redis.call('ZSCORE', KEYS[1], ARGV[i])
   -- No lease: released by the batch's record (a renewal racing the end of the batch), or
   -- already reaped; either way it is not this renewal's to bring back.
   if expiry then
     if tonumber(expiry) > now then
-      redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
+      redis.call('ZADD', KEYS[1], until_then, ARGV[i])
     else
       lost[#lost + 1] = ARGV[i]
     end

@@ -81,7 +81,7 @@ class Admitted:
 class FunctionFigures:
     queued: int
     running: int
-    # Registered workers, and the autoscaler's view when one manages the function.
+    # Live workers, and the autoscaler's view when one manages the function.
     workers: int
     current: int | None
     desired: int | None
@@ -138,7 +138,7 @@ class TaskStore:
             *k.queue_keys(function),
             k.wake_key(function),
             k.drain_key(function),
-            k.workers_key(function),
+            k.alive_key(function),
         ]
         if admission.idempotency_key is not None:
             keys.append(k.idempotency_key(function, _digest(admission.idempotency_key)))

@@ -76,7 +76,7 @@ class BatchWorker(SimpleWorker):
         self.settings = settings
         self.runner = ModelRunner(function)
         self.collector = BatchCollector(connection, function, settings, self.name)
-        self.leases = LeaseKeeper(connection, function.name)
+        self.leases = LeaseKeeper(connection, function.name, self.name)
         self.reaper = Reaper(connection, function.name, settings.retries)
         self._last_reap = 0.0
         self.leases_key = k.leases_key(function.name)
