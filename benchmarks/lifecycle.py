@@ -456,42 +456,48 @@ def print_lifecycle(result: dict[str, Any]) -> None:
         f" {crash['poll_s'] * 1000:g} ms (times in s after the kill)"
     )
     print(_crash_table([CrashTrial(**t) for t in crash["trials"]]))
-    overhead, detect = found["cold_overhead_max_s"], found["detect_max_s"]
-    overhead_text = f"{overhead:.2f} s" if overhead is not None else "n/a"
-    detect_text = f"{detect:.2f} s" if detect is not None else "n/a"
-    print(
-        f"  cold start overhead (max):   {overhead_text:<8}"
-        f" {verdict(found['cold_met'], f'first answer <= setup + {MAX_COLD_OVERHEAD_S:g} s')}"
+    cold_target = f"first answer <= setup + {MAX_COLD_OVERHEAD_S:g} s"
+    _print_target(
+        "cold start overhead (max)", found["cold_overhead_max_s"], found["cold_met"], cold_target
     )
     if found["embed_cold_met"] is not None:
-        print(
-            f"  {EMBED_FN} cold start overhead:    {_s(embed['overhead_s']).strip():<8}"
-            f" {verdict(found['embed_cold_met'], f'<= setup + {MAX_COLD_OVERHEAD_S:g} s')}"
+        _print_target(
+            f"{EMBED_FN} cold start overhead",
+            embed["overhead_s"],
+            found["embed_cold_met"],
+            cold_target,
         )
-    print(
-        f"  crash handled after (max):   {detect_text:<8}"
-        f" {verdict(found['detect_met'], f'<= {MAX_DETECT_S:g} s after the kill')}"
+    _print_target(
+        "crash handled after (max)",
+        found["detect_max_s"],
+        found["detect_met"],
+        f"<= {MAX_DETECT_S:g} s after the kill",
     )
+
+
+def _print_target(label: str, seconds: float | None, met: bool, target: str) -> None:
+    text = f"{seconds:.2f} s" if seconds is not None else "n/a"
+    print(f"  {label + ':':<28} {text:<8} {verdict(met, target)}")
 
 
 def _cold_table(trials: list[ColdTrial]) -> str:
     rows = [
         f"{'function':<10}  {'trial':>5}  {'answer':>6}  {'setup':>6}  {'overhd':>6}"
         f"  {'spawn':>6}  {'boot':>6}  {'after':>6}  {'warm':>6}  target",
-        f"{'':<10}  {'':>5}  {'s':>6}  {'s':>6}  {'s':>6}  {'s':>6}  {'s':>6}  {'s':>6}  {'s':>6}",
+        f"{'':<10}  {'':>5}  {'s':>6}  {'s':>6}  {'s':>6}  {'s':>6}  {'s':>6}  {'ms':>6}",
     ]
     for t in trials:
         target = verdict(t.met, f"<= setup + {MAX_COLD_OVERHEAD_S:g} s")
         rows.append(
             f"{t.function:<10}  {t.trial:>5}  {_s(t.latency_s)}  {_s(t.setup_s)}"
             f"  {_s(t.overhead_s)}  {_s(t.to_spawn_s)}  {_s(t.boot_s)}  {_s(t.after_setup_s)}"
-            f"  {_s(t.warm_latency_s)}  {target}"
+            f"  {_ms(t.warm_latency_s)}  {target}"
         )
         if t.error:
             rows.append(f"{'':<10}  error: {t.error}")
     rows.append(
         "  spawn: request → worker process started; boot: → setup() began; after: setup() done"
-        " → answer; warm: the same predict again"
+        " → answer; warm: the same predict again at once"
     )
     return "\n".join(rows)
 
@@ -499,7 +505,7 @@ def _cold_table(trials: list[ColdTrial]) -> str:
 def _crash_table(trials: list[CrashTrial]) -> str:
     rows = [
         f"{'function':<14}  {'retries':>7}  {'trial':>5}  {'handled':>7}  {'reaped':>6}"
-        f"  {'ended':>6}  {'seen as':<22}  {'final':<22}  target",
+        f"  {'ended':>6}  {'seen as':<22}  {'final':<26}  target",
     ]
     for t in trials:
         final = f"{t.final_status or '-'}" + (f" {t.error_code}" if t.error_code else "")
@@ -507,12 +513,16 @@ def _crash_table(trials: list[CrashTrial]) -> str:
         target = verdict(t.met, f"<= {MAX_DETECT_S:g} s")
         rows.append(
             f"{t.function:<14}  {t.retries:>7}  {t.trial:>5}  {_s(t.detected_s, 7)}"
-            f"  {_s(t.reaped_s)}  {_s(t.ended_s)}  {t.detected_as or '-':<22}  {final:<22}"
+            f"  {_s(t.reaped_s)}  {_s(t.ended_s)}  {t.detected_as or '-':<22}  {final:<26}"
             f"  {target}"
         )
         if t.error:
             rows.append(f"{'':<14}  error: {t.error}")
     return "\n".join(rows)
+
+
+def _ms(seconds: float | None) -> str:
+    return f"{seconds * 1000:>6.1f}" if seconds is not None else f"{'-':>6}"
 
 
 def _s(value: float | None, width: int = 6) -> str:

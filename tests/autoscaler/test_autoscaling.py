@@ -6,7 +6,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -26,11 +26,15 @@ TARGET = str(ROOT / "tests" / "fns_scaling.py")
 
 
 @pytest.fixture(scope="module")
-def autoscaler(procs: Callable[..., Proc]) -> Proc:
+def autoscaler(procs: Callable[..., Proc]) -> Iterator[Proc]:
     proc = procs("autoscale", TARGET)
     wait_until(lambda: "autoscaling" in proc.output() or not proc.alive(), 30, "the autoscaler")
     assert proc.alive(), proc.output()
-    return proc
+    yield proc
+    family = descendants(proc.pid)
+    assert proc.stop() == 0
+    # It drained and stopped every worker it ran.
+    assert not [pid for pid in family if alive(pid)]
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,10 @@ DEMAND_CHANNEL = "runq:demand"
 def test_enqueue_publishes_demand_only_when_no_worker_is_live(
     client: httpx.Client, redis: Redis
 ) -> None:
-    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    pubsub = redis.pubsub()
     pubsub.subscribe(DEMAND_CHANNEL)
-    wait_until(lambda: redis.pubsub_numsub(DEMAND_CHANNEL)[0][1] == 1, what="the subscription")
+    confirmed = wait_until(lambda: pubsub.get_message(timeout=0.1), what="the subscription")
+    assert confirmed["type"] == "subscribe"
     try:
         # echo has a live worker: no wake-up. parked has none: one, naming it.
         assert client.post("/v1/functions/echo/tasks", json={"input": 1}).status_code == 202
