@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PROMTOOL := $(BIN)/promtool
 
 .PHONY: serve test lint bench clean
 
@@ -14,6 +15,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,examples]'
 	touch $(STAMP)
 
+# promtool checks infra/prometheus/ in the tests. It comes from Debian's prometheus package,
+# unpacked without root or installing anything: apt-get download into a temporary directory
+# (with a private copy of the package lists when this machine has none), promtool copied out.
+$(PROMTOOL): | $(STAMP)
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; cd "$$tmp"; \
+	if ! apt-get -q download prometheus; then \
+		echo "no usable apt lists here: fetching the package index into $$tmp"; \
+		mkdir -p lists/partial cache/archives/partial; \
+		apt="apt-get -q -o Dir::State::Lists=$$tmp/lists -o Dir::Cache=$$tmp/cache"; \
+		$$apt update; $$apt download prometheus; \
+	fi; \
+	dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool; \
+	usr/bin/promtool --version; \
+	install -m 755 usr/bin/promtool $(CURDIR)/$(PROMTOOL)
+
 serve: $(STAMP)
 	$(BIN)/runq serve examples/embed.py
 
@@ -22,7 +38,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check runq tests benchmarks examples
 	$(BIN)/mypy
 
-test: lint
+test: lint $(PROMTOOL)
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

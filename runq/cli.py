@@ -1,4 +1,5 @@
-"""`runq serve | gateway | worker | autoscale`: the entry points, and the only place that exits."""
+"""`runq serve | gateway | worker | autoscale | status`: the entry points, and the only place that
+exits."""
 
 from __future__ import annotations
 
@@ -7,18 +8,33 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from runq import logs
 from runq.errors import ConfigError, RunqError
 from runq.functions import Function, load_target
-from runq.settings import ENV_TARGET, FunctionSettings, Settings, load_settings, settings_to_env
+from runq.live import Deployed, LiveSettings, deploy, deployed_settings, read_deploy_file
+from runq.settings import (
+    ENV_METRICS_PORT,
+    ENV_MULTIPROC_DIR,
+    ENV_TARGET,
+    FunctionSettings,
+    Settings,
+    explain_settings,
+    load_settings,
+    settings_to_env,
+)
 
 logger = logging.getLogger("runq")
 
@@ -27,9 +43,7 @@ READY_WAIT_S = 120.0
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure()
     try:
         code = args.command(args)
     except RunqError as exc:
@@ -44,12 +58,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runq", description=__doc__)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler: Any, help_text: str, *, target: bool = True
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(command=handler)
-        sub.add_argument("target", help="path/to/file.py, module or module:attr")
+        if target:
+            sub.add_argument("target", help="path/to/file.py, module or module:attr")
         sub.add_argument("--config", type=Path, help="YAML settings file (or RUNQ_CONFIG)")
         sub.add_argument("--redis-url", help="Redis/Valkey URL (or RUNQ_REDIS_URL)")
+        sub.add_argument("--log-format", choices=["text", "json"], help="log lines (default text)")
         return sub
 
     for name, handler, help_text in (
@@ -67,12 +85,34 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = command("worker", _worker, "run a batch worker for one function")
     worker.add_argument("--function", help="which declared function (needed if several)")
-    command("autoscale", _autoscale, "run worker processes that follow each function's demand")
+    autoscale = command(
+        "autoscale", _autoscale, "run worker processes that follow each function's demand"
+    )
+    for sub in (worker, autoscale):
+        sub.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on it")
+    _status_command(command("status", _status, STATUS_HELP, target=False))
+    config = command(
+        "config", _config_show, "show the effective settings and their sources", target=False
+    )
+    config.add_argument("action", choices=["show"], help="show")
+    config.add_argument("target", help="path/to/file.py, module or module:attr")
+    config.add_argument("--function", help="only this function's settings")
+    deploy = command(
+        "deploy", _deploy, "change per-function settings of a running system", target=False
+    )
+    deploy.add_argument("file", type=Path, help="YAML: functions: {NAME: {SETTING: VALUE}}")
+    deploy.add_argument("target", help="the served target, to check the file against")
     return parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    cli = {
+    settings = load_settings(cli=_cli_layer(args), config_file=args.config)
+    logs.configure(settings.log_level, settings.log_format)
+    return settings
+
+
+def _cli_layer(args: argparse.Namespace) -> dict[str, Any]:
+    return {
         "redis_url": args.redis_url,
         "host": getattr(args, "host", None),
         "port": getattr(args, "port", None),
@@ -80,8 +120,56 @@ def _settings(args: argparse.Namespace) -> Settings:
         "backlog": getattr(args, "backlog", None),
         "ssl_certfile": getattr(args, "ssl_certfile", None),
         "ssl_keyfile": getattr(args, "ssl_keyfile", None),
+        "log_format": args.log_format,
+        "metrics_port": getattr(args, "metrics_port", None),
     }
-    return load_settings(cli=cli, config_file=args.config)
+
+
+@contextmanager
+def _metrics_dir() -> Iterator[None]:
+    """A prometheus-client multiprocess directory for this process and its children.
+
+    Every process below shares it, so one scrape sees them all; one given by the environment
+    is used as it is, and left in place.
+    """
+    if os.environ.get(ENV_MULTIPROC_DIR):
+        yield
+        return
+    path = tempfile.mkdtemp(prefix="runq-metrics-")
+    os.environ[ENV_MULTIPROC_DIR] = path
+    try:
+        yield
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        del os.environ[ENV_MULTIPROC_DIR]
+
+
+def _serve_metrics(settings: Settings) -> None:
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        from runq.metrics import process_registry
+
+        try:
+            start_http_server(settings.metrics_port, registry=process_registry())
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on port {settings.metrics_port}: {exc.strerror}"
+            ) from None
+
+
+def _configured(args: argparse.Namespace) -> tuple[Settings, dict[str, Function]]:
+    """The settings and the target's functions, checked against each other."""
+    settings = _settings(args)
+    functions = load_target(args.target)
+    _checked(settings, functions)
+    return settings, functions
+
+
+def _redis_url(settings: Settings, command: str) -> str:
+    if settings.redis_url is None:
+        raise ConfigError(f"runq {command} needs --redis-url or RUNQ_REDIS_URL")
+    return settings.redis_url
 
 
 def _checked(settings: Settings, functions: dict[str, Function]) -> None:
@@ -95,28 +183,28 @@ def _checked(settings: Settings, functions: dict[str, Function]) -> None:
 def _gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
-    settings = _settings(args)
-    if settings.redis_url is None:
-        raise ConfigError("runq gateway needs --redis-url or RUNQ_REDIS_URL")
-    _checked(settings, load_target(args.target))
+    settings, _functions = _configured(args)
+    _redis_url(settings, "gateway")
     # uvicorn's worker processes and reloader build the app from the environment.
     os.environ.update(settings_to_env(settings))
     os.environ[ENV_TARGET] = args.target
-    uvicorn.run(
-        "runq.gateway.app:app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.api_workers if not args.reload else None,
-        backlog=settings.backlog,
-        ssl_certfile=settings.ssl_certfile,
-        ssl_keyfile=settings.ssl_keyfile,
-        log_level=settings.log_level,
-        access_log=False,
-        reload=args.reload,
-        reload_dirs=[str(_source_dir(args.target))] if args.reload else None,
-        timeout_graceful_shutdown=math.ceil(settings.max_timeout_s),
-    )
+    with _metrics_dir():
+        uvicorn.run(
+            "runq.gateway.app:app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.api_workers if not args.reload else None,
+            backlog=settings.backlog,
+            ssl_certfile=settings.ssl_certfile,
+            ssl_keyfile=settings.ssl_keyfile,
+            log_level=settings.log_level,
+            # runq logs one line per request itself, with the task id.
+            access_log=False,
+            reload=args.reload,
+            reload_dirs=[str(_source_dir(args.target))] if args.reload else None,
+            timeout_graceful_shutdown=math.ceil(settings.max_timeout_s),
+        )
     return 0
 
 
@@ -128,11 +216,8 @@ def _worker(args: argparse.Namespace) -> int:
 
     from runq.worker.batch_worker import BatchWorker
 
-    settings = _settings(args)
-    if settings.redis_url is None:
-        raise ConfigError("runq worker needs --redis-url or RUNQ_REDIS_URL")
-    functions = load_target(args.target)
-    _checked(settings, functions)
+    settings, functions = _configured(args)
+    redis_url = _redis_url(settings, "worker")
     if args.function is not None:
         if args.function not in functions:
             raise ConfigError(
@@ -147,8 +232,10 @@ def _worker(args: argparse.Namespace) -> int:
             f"{args.target!r} declares several functions ({', '.join(sorted(functions))}); "
             "choose one with --function"
         )
-    connection = Redis.from_url(settings.redis_url)
-    BatchWorker(fn, settings.function_settings(fn.name, fn.declared), connection).run()
+    connection = Redis.from_url(redis_url)
+    _serve_metrics(settings)
+    live = LiveSettings(settings, {fn.name: fn.declared})
+    BatchWorker(fn, settings.function_settings(fn.name, fn.declared), connection, live).run()
     return 0
 
 
@@ -170,10 +257,11 @@ def _autoscaler(settings: Settings, target: str, functions: dict[str, Function])
 
     assert settings.redis_url is not None
     child_env = {**os.environ, **settings_to_env(settings), ENV_TARGET: target}
-    per_function = {
-        name: settings.function_settings(name, fn.declared) for name, fn in functions.items()
-    }
-    return Autoscaler(Redis.from_url(settings.redis_url), target, per_function, child_env)
+    # Workers write to this process's metrics directory; the port is this process's to serve.
+    child_env.pop(ENV_METRICS_PORT, None)
+    per_function = _function_settings(settings, functions)
+    live = LiveSettings(settings, {name: fn.declared for name, fn in functions.items()})
+    return Autoscaler(Redis.from_url(settings.redis_url), target, per_function, child_env, live)
 
 
 def _grace_s(settings: Settings, functions: dict[str, Function]) -> float:
@@ -182,32 +270,28 @@ def _grace_s(settings: Settings, functions: dict[str, Function]) -> float:
 
 
 def _autoscale(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    if settings.redis_url is None:
-        raise ConfigError("runq autoscale needs --redis-url or RUNQ_REDIS_URL")
-    functions = load_target(args.target)
-    _checked(settings, functions)
+    settings, functions = _configured(args)
+    _redis_url(settings, "autoscale")
     stop = _StopFlag()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    autoscaler = _autoscaler(settings, args.target, functions)
-    autoscaler.start()
-    logger.info("autoscaling %s", ", ".join(sorted(functions)))
-    try:
-        while not stop.set:
-            autoscaler.step()
-    finally:
-        autoscaler.stop(_grace_s(settings, functions))
+    with _metrics_dir():
+        _serve_metrics(settings)
+        autoscaler = _autoscaler(settings, args.target, functions)
+        autoscaler.start()
+        logger.info("autoscaling %s", ", ".join(sorted(functions)))
+        try:
+            while not stop.set:
+                autoscaler.step()
+        finally:
+            autoscaler.stop(_grace_s(settings, functions))
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from runq.autoscaler.supervisor import Supervisor
     from runq.embedded import EmbeddedValkey
 
-    settings = _settings(args)
-    functions = load_target(args.target)
-    _checked(settings, functions)
+    settings, functions = _configured(args)
     stop = _StopFlag()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -217,16 +301,23 @@ def _serve(args: argparse.Namespace) -> int:
         valkey = EmbeddedValkey()
         valkey.start()
         settings = settings.model_copy(update={"redis_url": valkey.url})
-    child_env = {**os.environ, **settings_to_env(settings), ENV_TARGET: args.target}
-    supervisor = Supervisor(child_env, args.target, _autoscaler(settings, args.target, functions))
     grace_s = _grace_s(settings, functions)
     code = 0
     try:
-        supervisor.start()
-        _announce(settings, functions, stop)
-        code = _supervise(supervisor, stop, args, grace_s)
+        with _metrics_dir():
+            # Imported once the metrics directory is set: prometheus-client reads it on import.
+            from runq.autoscaler.supervisor import Supervisor
+
+            child_env = {**os.environ, **settings_to_env(settings), ENV_TARGET: args.target}
+            autoscaler = _autoscaler(settings, args.target, functions)
+            supervisor = Supervisor(child_env, args.target, autoscaler)
+            try:
+                supervisor.start()
+                _announce(settings, functions, stop)
+                code = _supervise(supervisor, stop, args, grace_s)
+            finally:
+                supervisor.stop(grace_s)
     finally:
-        supervisor.stop(grace_s)
         if valkey is not None:
             valkey.stop()
     return code
@@ -284,3 +375,95 @@ def _announce(settings: Settings, functions: dict[str, Function], stop: _StopFla
             f"-H 'content-type: application/json' -d '{body}'"
         )
     print("\n".join(lines), flush=True)
+
+
+# config show, deploy --------------------------------------------------------------------------
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    settings, functions = _configured(args)
+    declared = {
+        name: fn.declared
+        for name, fn in functions.items()
+        if args.function is None or name == args.function
+    }
+    if not declared:
+        raise ConfigError(f"{args.target!r} declares no function {args.function!r}")
+    deployed: Deployed = {}
+    if settings.redis_url is not None:
+        try:
+            with Redis.from_url(settings.redis_url) as connection:
+                deployed = deployed_settings(connection)
+        except RedisError as exc:
+            logger.warning("cannot read deployed settings (%s); showing local sources only", exc)
+    rows = explain_settings(
+        settings, declared, cli=_cli_layer(args), config_file=args.config, deployed=deployed
+    )
+    width = max(len(name) for name, _, _ in rows)
+    for name, value, source in rows:
+        print(f"{name:<{width}}  {json.dumps(value, default=str):<24}  {source}")
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from redis import Redis
+
+    settings, functions = _configured(args)
+    redis_url = _redis_url(settings, "deploy")
+    wanted = read_deploy_file(args.file)
+    live = LiveSettings(settings, {name: fn.declared for name, fn in functions.items()})
+    # Refused whole: every function's resulting settings must be valid before any is written.
+    live.effective(wanted)
+    with Redis.from_url(redis_url) as connection:
+        version = deploy(connection, wanted)
+    print(f"deployed version {version}: {', '.join(sorted(wanted)) or 'no overrides'}")
+    return 0
+
+
+# status ----------------------------------------------------------------------------------------
+
+STATUS_HELP = (
+    "show every function's queued, running and replicas, and the last minute's throughput, "
+    "p50/p99 latency and errors"
+)
+STATUS_WATCH_S = 2.0
+
+
+def _status_command(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--watch",
+        nargs="?",
+        const=STATUS_WATCH_S,
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help=f"refresh every SECONDS (default {STATUS_WATCH_S:g}) until Ctrl-C",
+    )
+    sub.add_argument("--json", action="store_true", help="JSON, one line per refresh")
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
+    return seconds
+
+
+def _status(args: argparse.Namespace) -> int:
+    from runq import status
+
+    settings = _settings(args)
+    redis_url = _redis_url(settings, "status")
+    connection = status.connect(redis_url)
+    if args.watch is None:
+        print(status.report(connection, as_json=args.json))
+        return 0
+    try:
+        status.watch(connection, args.watch, as_json=args.json)
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C is how a watch ends, not a failure.

@@ -8,8 +8,10 @@ misspelt setting that is silently ignored is worse than one that stops the start
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +32,10 @@ ENV_NESTING = "__"
 # Environment variables runq reads that are not settings fields.
 ENV_CONFIG_FILE = "RUNQ_CONFIG"
 ENV_TARGET = "RUNQ_TARGET"
+# prometheus-client's multiprocess directory: read when prometheus_client is first imported, so
+# entry points set it before anything imports runq.metrics.
+ENV_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+ENV_METRICS_PORT = "RUNQ_METRICS_PORT"
 REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -65,6 +71,28 @@ class FunctionSettings(BaseModel):
 FUNCTION_SETTING_NAMES = frozenset(FunctionSettings.model_fields)
 
 
+class ExponentialBuckets(BaseModel):
+    """Histogram buckets min, min·factor, … up to the first bound at or above max."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min: float = Field(gt=0)
+    max: float = Field(gt=0)
+    factor: float = Field(gt=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ExponentialBuckets:
+        if self.max <= self.min:
+            raise ValueError(f"max ({self.max}) must be above min ({self.min})")
+        if math.log(self.max / self.min, self.factor) > MAX_BUCKETS:
+            raise ValueError(f"more than {MAX_BUCKETS} buckets; raise factor or narrow min..max")
+        return self
+
+
+# Each bucket is a time series per label set; a few dozen is already generous.
+MAX_BUCKETS = 60
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -83,6 +111,11 @@ class Settings(BaseModel):
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    # runq_request_duration_seconds buckets: a list of upper bounds, or {min, max, factor}.
+    request_buckets: list[float] | ExponentialBuckets | None = None
+    # Workers and autoscalers serve /metrics here (gateways serve it on their own port).
+    metrics_port: int | None = Field(None, ge=1, le=65535)
     # Per-function overrides by function name; checked against the declared functions by
     # `function_settings`, so a name or key that matches nothing stops the start.
     functions: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -93,6 +126,29 @@ class Settings(BaseModel):
         if url is not None and not url.startswith(REDIS_URL_SCHEMES):
             raise ValueError(f"must start with one of {', '.join(REDIS_URL_SCHEMES)}")
         return url
+
+    @field_validator("request_buckets")
+    @classmethod
+    def _increasing(
+        cls, buckets: list[float] | ExponentialBuckets | None
+    ) -> list[float] | ExponentialBuckets | None:
+        if isinstance(buckets, list):
+            if not buckets or len(buckets) > MAX_BUCKETS:
+                raise ValueError(f"give 1 to {MAX_BUCKETS} bucket bounds")
+            if buckets[0] <= 0 or any(b <= a for a, b in pairwise(buckets)):
+                raise ValueError("bucket bounds must be positive and strictly increasing")
+        return buckets
+
+    def request_bucket_bounds(self) -> tuple[float, ...] | None:
+        buckets = self.request_buckets
+        if buckets is None:
+            return None
+        if isinstance(buckets, ExponentialBuckets):
+            bounds = [buckets.min]
+            while bounds[-1] < buckets.max:
+                bounds.append(bounds[-1] * buckets.factor)
+            return tuple(bounds)
+        return tuple(buckets)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -112,9 +168,15 @@ class Settings(BaseModel):
                 )
         return self
 
-    def function_settings(self, name: str, declared: Mapping[str, Any]) -> FunctionSettings:
-        """The effective settings of one function: its decorator keywords under the overrides."""
-        merged = {**declared, **self.functions.get(name, {})}
+    def function_settings(
+        self,
+        name: str,
+        declared: Mapping[str, Any],
+        deployed: Mapping[str, Any] | None = None,
+    ) -> FunctionSettings:
+        """The effective settings of one function: its decorator keywords under the overrides
+        of the settings sources, under what `runq deploy` set last (``deployed``)."""
+        merged = {**declared, **self.functions.get(name, {}), **(deployed or {})}
         try:
             resolved = FunctionSettings.model_validate(merged)
         except ValidationError as exc:
@@ -144,7 +206,7 @@ def load_settings(
     env = os.environ if env is None else env
     config_file = config_file or _env_path(env)
     layers = [
-        _read_file(config_file) if config_file else {},
+        read_settings_file(config_file) if config_file else {},
         _from_env(env),
         {key: value for key, value in (cli or {}).items() if value is not None},
     ]
@@ -157,11 +219,78 @@ def load_settings(
         raise ConfigError(f"invalid settings: {_explain(exc)}") from None
 
 
+def explain_settings(
+    settings: Settings,
+    declared: Mapping[str, Mapping[str, Any]],
+    *,
+    cli: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+    deployed: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[tuple[str, Any, str]]:
+    """Every effective setting as (dotted name, value, where it came from), secrets masked."""
+    env = os.environ if env is None else env
+    config_file = config_file or _env_path(env)
+    file_layer = read_settings_file(config_file) if config_file else {}
+    env_layer = _from_env(env)
+    cli_layer = {key: value for key, value in (cli or {}).items() if value is not None}
+    deployed = deployed or {}
+    rows: list[tuple[str, Any, str]] = []
+    for key in Settings.model_fields:
+        if key == "functions":
+            continue
+        if key in cli_layer:
+            source = f"flag --{key.replace('_', '-')}"
+        elif key in env_layer:
+            source = f"env {ENV_PREFIX}{key.upper()}"
+        elif key in file_layer:
+            source = f"file {config_file}"
+        else:
+            source = "default"
+        rows.append((key, _shown(key, getattr(settings, key)), source))
+    for name, fn_declared in sorted(declared.items()):
+        effective = settings.function_settings(name, fn_declared, deployed.get(name))
+        for key in FunctionSettings.model_fields:
+            source = _function_source(
+                name, key, fn_declared, deployed, env_layer, file_layer, config_file
+            )
+            rows.append((f"functions.{name}.{key}", getattr(effective, key), source))
+    return rows
+
+
+def _function_source(
+    name: str,
+    key: str,
+    declared: Mapping[str, Any],
+    deployed: Mapping[str, Mapping[str, Any]],
+    env_layer: Mapping[str, Any],
+    file_layer: Mapping[str, Any],
+    config_file: Path | None,
+) -> str:
+    if key in deployed.get(name, {}):
+        return "deployed (runq deploy)"
+    if key in env_layer.get("functions", {}).get(name, {}):
+        nesting = ENV_NESTING
+        return f"env {ENV_PREFIX}FUNCTIONS{nesting}{name.upper()}{nesting}{key.upper()}"
+    if key in file_layer.get("functions", {}).get(name, {}):
+        return f"file {config_file}"
+    return "decorator" if key in declared else "default"
+
+
+def _shown(key: str, value: Any) -> Any:
+    # A Redis URL may carry a password; nothing runq prints or logs shows it.
+    if key == "redis_url" and isinstance(value, str) and "@" in value:
+        scheme, _, rest = value.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return value
+
+
 def settings_to_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process load exactly these settings."""
     env: dict[str, str] = {}
     for key, value in settings.model_dump(exclude_defaults=True, exclude={"functions"}).items():
-        env[ENV_PREFIX + key.upper()] = str(value)
+        structured = isinstance(value, list | dict)
+        env[ENV_PREFIX + key.upper()] = json.dumps(value) if structured else str(value)
     for name, overrides in settings.functions.items():
         for key, value in overrides.items():
             env[f"{ENV_PREFIX}FUNCTIONS{ENV_NESTING}{name.upper()}{ENV_NESTING}{key.upper()}"] = (
@@ -175,7 +304,7 @@ def _env_path(env: Mapping[str, str]) -> Path | None:
     return Path(value) if value else None
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def read_settings_file(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -205,7 +334,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
                 value
             )
         elif name in known_fields and name != "functions":
-            result[name] = value
+            # Lists and mappings (request_buckets) arrive as JSON; everything else as text.
+            result[name] = _json_or_text(value) if value[:1] in "[{" else value
         else:
             raise ConfigError(
                 f"unknown environment variable {key}; known: "

@@ -70,6 +70,20 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def run_runq(
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python -m runq ARGS` run to its end, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "runq", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=timeout_s,
+    )
+
+
 class Proc:
     """A `python -m runq ...` child process whose output goes to a log file."""
 

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import FNS, ROOT, Proc, alive, descendants, free_port, wait_until
+from tests.conftest import (
+    FNS,
+    ROOT,
+    Proc,
+    alive,
+    descendants,
+    free_port,
+    run_runq,
+    wait_until,
+)
 
 
 def serve(procs: Callable[..., Proc], target: str, port: int) -> Proc:
@@ -63,27 +69,14 @@ def test_serve_echo_batches_64_concurrent_predicts(procs: Callable[..., Proc]) -
 
 
 def test_worker_refuses_an_ambiguous_target() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "runq", "worker", FNS, "--redis-url", "redis://127.0.0.1:1"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=30,
-    )
+    result = run_runq("worker", FNS, "--redis-url", "redis://127.0.0.1:1")
     assert result.returncode == 2
     assert "choose one with --function" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_gateway_without_redis_url_says_what_is_missing() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "runq", "gateway", FNS],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "RUNQ_REDIS_URL": ""},
-        timeout=30,
-    )
+    result = run_runq("gateway", FNS, env={"RUNQ_REDIS_URL": ""})
     assert result.returncode == 2
     assert "needs --redis-url or RUNQ_REDIS_URL" in result.stderr
 
@@ -91,12 +84,6 @@ def test_gateway_without_redis_url_says_what_is_missing() -> None:
 def test_unknown_setting_stops_the_start(tmp_path: Path) -> None:
     config = tmp_path / "runq.yaml"
     config.write_text("functions:\n  echo:\n    max_batch: 3\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "runq", "serve", FNS, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=30,
-    )
+    result = run_runq("serve", FNS, "--config", str(config))
     assert result.returncode == 2
     assert "max_batch" in result.stderr and "max_batch_size" in result.stderr

@@ -4,6 +4,8 @@ grace periods above the batch timeout, probes on /readyz and /healthz).
 
 Schemas come from dev dependencies (check-jsonschema ships compose-spec, kubernetes-validate the
 Kubernetes schemas) or from tests/schemas/ (KEDA; see its README): nothing downloads here.
+promtool (from Debian's prometheus package, which `make test` unpacks into .venv/bin) checks the
+Prometheus config, the alert rules and their unit tests.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -35,6 +38,10 @@ DOCKERFILE = ROOT / "infra" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "docker-compose.yml"
 PROMETHEUS = ROOT / "infra" / "prometheus" / "prometheus.yml"
+ALERT_RULES = ROOT / "infra" / "prometheus" / "rules.yml"
+ALERT_RULES_TEST = ROOT / "infra" / "prometheus" / "rules_test.yml"
+DASHBOARD = ROOT / "infra" / "grafana" / "runq-dashboard.json"
+METRICS = ROOT / "runq" / "metrics.py"
 K8S = ROOT / "infra" / "k8s"
 KEDA = ROOT / "tests" / "schemas" / "keda"
 RUNQ_SERVICES = ("gateway", "autoscaler", "worker")
@@ -571,3 +578,167 @@ def test_the_validators_refuse_a_misspelt_field(tmp_path: Path) -> None:
 
     with pytest.raises(AssertionError, match="ignores"):
         validate_metrics_api_metadata({**scaled["spec"]["triggers"][0]["metadata"], "valueLoc": ""})
+
+
+# Prometheus alert rules and the Grafana dashboard ----------------------------------------------
+
+ALERTS = (
+    "RunqQueueBackingUp",
+    "RunqQueueWaitHigh",
+    "RunqHighErrorRate",
+    "RunqHighServerErrorRate",
+    "RunqNoWorkersWhileTasksWait",
+    "RunqShedding",
+)
+METRIC_NAME = re.compile(r"\brunq_[a-z0-9_]+\b")
+
+
+def promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    found = shutil.which("promtool", path=f"{Path(sys.executable).parent}:{ROOT / '.venv' / 'bin'}")
+    found = found or shutil.which("promtool")
+    if found is None:
+        pytest.skip("no promtool: `make .venv/bin/promtool` unpacks Debian's")
+    return subprocess.run(
+        [found, *args], capture_output=True, text=True, timeout=60, cwd=cwd, check=False
+    )
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(ALERT_RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def dashboard() -> dict[str, Any]:
+    board: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return board
+
+
+def dashboard_exprs() -> list[str]:
+    return [target["expr"] for panel in dashboard()["panels"] for target in panel["targets"]]
+
+
+def metric_families() -> set[str]:
+    """The metric names runq/metrics.py declares (as strings: some are created lazily)."""
+    return set(re.findall(r"\"(runq_[a-z0-9_]+)\"", METRICS.read_text()))
+
+
+@functools.cache
+def exposed_metric_names() -> frozenset[str]:
+    """Every series name runq/metrics.py exposes, histogram and counter suffixes included."""
+    source = METRICS.read_text()
+    names = metric_families()
+    for histogram in re.findall(r"Histogram\(\s*\"(runq_[a-z0-9_]+)\"", source):
+        names |= {f"{histogram}_bucket", f"{histogram}_sum", f"{histogram}_count"}
+    for counter in re.findall(r"Counter\(\s*\"(runq_[a-z0-9_]+)\"", source):
+        names.add(counter if counter.endswith("_total") else f"{counter}_total")
+    assert names
+    return frozenset(names)
+
+
+def test_prometheus_loads_the_alert_rules_mounted_next_to_its_config() -> None:
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    assert config["rule_files"] == [ALERT_RULES.name]
+    # prometheus.yml's rule_files are relative to it: the rules are mounted beside it.
+    mounts = [volume.split(":") for volume in compose()["services"]["prometheus"]["volumes"]]
+    assert ["./infra/prometheus/rules.yml", "/etc/prometheus/rules.yml", "ro"] in mounts
+
+
+def test_promtool_accepts_the_alert_rules_and_the_config() -> None:
+    rules = promtool("check", "rules", str(ALERT_RULES))
+    assert rules.returncode == 0, rules.stdout + rules.stderr
+    # Also loads rule_files, relative to the config file.
+    config = promtool("check", "config", str(PROMETHEUS))
+    assert config.returncode == 0, config.stdout + config.stderr
+    assert "1 rule files found" in config.stdout + config.stderr
+
+
+def test_alert_rules_fire_when_they_should_and_not_otherwise() -> None:
+    tested = {
+        case["alertname"]
+        for test in yaml.safe_load(ALERT_RULES_TEST.read_text())["tests"]
+        for case in test["alert_rule_test"]
+    }
+    assert tested == set(ALERTS)
+    result = promtool("test", "rules", ALERT_RULES_TEST.name, cwd=ALERT_RULES_TEST.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alert_rules_wait_and_carry_a_severity_and_a_summary() -> None:
+    rules = alert_rules()
+    assert sorted(rule["alert"] for rule in rules) == sorted(ALERTS)
+    for rule in rules:
+        assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert {"summary", "description"} <= set(rule["annotations"]), rule["alert"]
+        # An alert per function: every rule keeps the function label.
+        assert "$labels.function" in rule["annotations"]["summary"], rule["alert"]
+    waits = {rule["alert"]: rule["for"] for rule in rules}
+    assert waits["RunqNoWorkersWhileTasksWait"] == "2m"
+
+
+def test_dashboard_panels_query_prometheus_for_each_function() -> None:
+    board = dashboard()
+    assert 36 <= board["schemaVersion"] <= 41
+    variables = {variable["name"]: variable for variable in board["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    assert variables["DS_PROMETHEUS"]["query"] == "prometheus"
+    function = variables["function"]
+    assert function["definition"] == "label_values(runq_queue_depth, function)"
+    assert function["query"]["query"] == function["definition"]
+    panels = board["panels"]
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    for panel in panels:
+        datasources = [panel["datasource"], *(t["datasource"] for t in panel["targets"])]
+        assert all(ds == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"} for ds in datasources)
+        assert panel["targets"], panel["title"]
+        assert all(target["expr"].strip() for target in panel["targets"]), panel["title"]
+        assert all('function=~"$function"' in t["expr"] for t in panel["targets"]), panel["title"]
+    queried = {name for expr in dashboard_exprs() for name in METRIC_NAME.findall(expr)}
+    # Every metric runq exposes has a panel.
+    for family in metric_families():
+        series = {family, *(f"{family}_{suffix}" for suffix in ("bucket", "count", "total"))}
+        assert series & queried, f"no panel shows {family}"
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    """promtool parses each query, Grafana's variables filled in, as a recording rule."""
+    rules = [
+        {
+            "record": f"dashboard:query_{i}",
+            "expr": expr.replace("$__rate_interval", "1m").replace("$function", ".*"),
+        }
+        for i, expr in enumerate(dashboard_exprs())
+    ]
+    assert rules
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = promtool("check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rules_and_dashboard_name_only_metrics_runq_exposes() -> None:
+    for path in (ALERT_RULES, ALERT_RULES_TEST, DASHBOARD):
+        referenced = set(METRIC_NAME.findall(path.read_text()))
+        assert referenced, path
+        unknown = referenced - exposed_metric_names()
+        assert not unknown, f"{path.name} names {sorted(unknown)}, not in runq/metrics.py"
+
+
+def test_promtool_checks_are_not_vacuous(tmp_path: Path) -> None:
+    rules = yaml.safe_load(ALERT_RULES.read_text())
+    rule = rules["groups"][0]["rules"][0]
+    rule["exp"] = rule.pop("expr")
+    broken = tmp_path / "rules.yml"
+    broken.write_text(yaml.safe_dump(rules))
+    assert promtool("check", "rules", str(broken)).returncode != 0
+
+    # An alert that no longer fires fails its unit test.
+    rules = yaml.safe_load(ALERT_RULES.read_text())
+    for rule in rules["groups"][0]["rules"]:
+        if rule["alert"] == "RunqNoWorkersWhileTasksWait":
+            rule["for"] = "5m"
+    broken.write_text(yaml.safe_dump(rules))
+    shutil.copy(ALERT_RULES_TEST, tmp_path / ALERT_RULES_TEST.name)
+    result = promtool("test", "rules", ALERT_RULES_TEST.name, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "RunqNoWorkersWhileTasksWait" in result.stdout + result.stderr

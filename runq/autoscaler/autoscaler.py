@@ -18,6 +18,8 @@ from redis.client import PubSub
 
 from runq.autoscaler.policy import Policy, decide
 from runq.autoscaler.pool import WorkerPool
+from runq.live import LiveSettings
+from runq.metrics import metrics
 from runq.queue import constants as k
 from runq.queue import scripts
 from runq.queue.reaper import Reaper
@@ -47,8 +49,10 @@ class Autoscaler:
         target: str,
         settings: Mapping[str, FunctionSettings],
         env: Mapping[str, str],
+        live: LiveSettings | None = None,
     ) -> None:
         self.connection = connection
+        self.live = live
         self._figures = connection.register_script(scripts.FIGURES)
         self._pubsub: PubSub | None = None
         self.functions = [
@@ -72,6 +76,7 @@ class Autoscaler:
     def step(self, wait_s: float = TICK_S) -> None:
         """Waits up to ``wait_s`` for an enqueue to a function with no worker, then scales."""
         self._wait_for_demand(wait_s)
+        self._follow_deployed()
         for managed in self.functions:
             self._follow(managed)
 
@@ -83,6 +88,14 @@ class Autoscaler:
             self.connection.delete(k.replicas_key(managed.name))
         if self._pubsub is not None:
             self._pubsub.close()
+
+    def _follow_deployed(self) -> None:
+        changed = self.live.poll(self.connection) if self.live is not None else None
+        if changed is None:
+            return
+        for managed in self.functions:
+            managed.policy = policy_of(changed[managed.name])
+            managed.reaper.retries = changed[managed.name].retries
 
     def _wait_for_demand(self, wait_s: float) -> None:
         assert self._pubsub is not None, "start() first"
@@ -112,8 +125,11 @@ class Autoscaler:
                 managed.pool.current,
                 decision.replicas,
             )
+        before = managed.pool.current
         managed.low_since = decision.low_since
         managed.pool.scale_to(decision.replicas)
+        if before == 0 and managed.pool.current > 0:
+            metrics().cold_starts.labels(managed.name).inc()
         key = k.replicas_key(managed.name)
         with self.connection.pipeline() as pipe:
             pipe.hset(key, mapping={"current": managed.pool.current, "desired": decision.replicas})

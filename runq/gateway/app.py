@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -9,12 +10,18 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from redis.exceptions import RedisError
 
+from runq import logs
 from runq.errors import ConfigError
 from runq.functions import Function, load_target
 from runq.gateway import errors, routes
 from runq.gateway.limits import BodySizeLimit, InflightLimit
+from runq.gateway.observe import RequestMetrics
 from runq.gateway.routes import Served
+from runq.live import LiveSettings
+from runq.metrics import metrics
+from runq.queue import constants as k
 from runq.queue.store import TaskStore
 from runq.queue.waiter import TaskWaiter
 from runq.settings import ENV_TARGET, Settings, load_settings
@@ -35,6 +42,7 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
         for name, fn in functions.items()
     }
     redis_url = settings.redis_url
+    live = LiveSettings(settings, {name: fn.declared for name, fn in functions.items()})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,9 +56,11 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
         app.state.redis = redis
         app.state.store = store
         app.state.waiter = waiter
+        follower = asyncio.create_task(_follow_deployed(redis, live, served), name="runq-live")
         try:
             yield
         finally:
+            follower.cancel()
             await waiter.stop()
             await redis.aclose()
             await pool.aclose()
@@ -65,10 +75,27 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
     app.state.settings = settings
     app.state.served = served
     app.state.inflight = InflightLimit(settings.max_inflight)
+    metrics(settings.request_bucket_bounds())
     errors.install(app)
     routes.install(app, served, settings)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    # Outermost, so a refused oversized body is measured and logged like any answer.
+    app.add_middleware(RequestMetrics, functions=list(served))
     return app
+
+
+async def _follow_deployed(
+    redis: aioredis.Redis, live: LiveSettings, served: dict[str, Served]
+) -> None:
+    while True:
+        try:
+            changed = await live.poll_async(redis)
+        except (RedisError, OSError) as exc:
+            logger.debug("cannot read deployed settings: %s", exc)
+            changed = None
+        for name, function_settings in (changed or {}).items():
+            served[name].settings = function_settings
+        await asyncio.sleep(k.DEPLOYED_POLL_INTERVAL_S)
 
 
 def app_from_env() -> FastAPI:
@@ -76,4 +103,6 @@ def app_from_env() -> FastAPI:
     target = os.environ.get(ENV_TARGET)
     if not target:
         raise ConfigError(f"{ENV_TARGET} is not set")
-    return create_app(load_settings(), load_target(target))
+    settings = load_settings()
+    logs.configure(settings.log_level, settings.log_format)
+    return create_app(settings, load_target(target))

@@ -19,6 +19,7 @@ from runq.errors import (
     Unavailable,
     ValidationFailed,
 )
+from runq.gateway.observe import STATE_REJECTION, STATE_TASK_ID
 
 logger = logging.getLogger("runq.gateway")
 
@@ -27,12 +28,17 @@ def error_response(error: RunqError) -> JSONResponse:
     return JSONResponse(error.to_body(), status_code=error.status_code, headers=error.headers)
 
 
-async def _runq_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _runq_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RunqError)
-    # Shedding load is the gateway working as configured: a line per refusal would cost the
-    # most exactly when the gateway is busiest.
-    if exc.status_code >= 500 and not isinstance(exc, QueueFull | Overloaded):
+    if isinstance(exc, QueueFull | Overloaded):
+        # Shedding load is the gateway working as configured: counted, and not logged beyond
+        # the request's own line, which would cost most when the gateway is busiest.
+        setattr(request.state, STATE_REJECTION, exc.code)
+    elif exc.status_code >= 500:
         logger.warning("%s: %s", exc.code, exc.message)
+    task_id = exc.details.get("task_id")
+    if task_id is not None:
+        setattr(request.state, STATE_TASK_ID, task_id)
     return error_response(exc)
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from redis.exceptions import RedisError
 
@@ -25,6 +26,8 @@ from runq.errors import (
 )
 from runq.functions import Function
 from runq.gateway.limits import InflightLimit
+from runq.gateway.observe import STATE_FUNCTION, STATE_TASK_ID
+from runq.metrics import exposition
 from runq.queue import constants as k
 from runq.queue.store import Admission, Admitted, TaskStore, new_task_id
 from runq.queue.tasks import TERMINAL, TIMED_OUT_CODE, TaskStatus, error_json
@@ -40,9 +43,11 @@ Priority = Literal["high", "normal", "low"]
 OnTimeout = Literal["error", "poll"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Served:
     function: Function
+    # Replaced whole (never mutated) when `runq deploy` changes the function's settings; routes
+    # read it per request.
     settings: FunctionSettings
 
 
@@ -196,6 +201,7 @@ def _function_routes(app: FastAPI, name: str, entry: Served, settings: Settings)
             admitted, task = await _admit_and_wait(
                 store, waiter, name, entry.settings, payload(body), admission, wait_s
             )
+        setattr(request.state, STATE_TASK_ID, admitted.task_id)
         return await _predict_answer(store, admitted, task, wait_s, poll=poll)
 
     async def submit(
@@ -219,6 +225,7 @@ def _function_routes(app: FastAPI, name: str, entry: Served, settings: Settings)
                 body_digest=_body_digest(body),
             ),
         )
+        setattr(request.state, STATE_TASK_ID, admitted.task_id)
         task = admitted.task or await store.read(admitted.task_id, with_output=False)
         if task is None:
             raise NotFound(f"task {admitted.task_id} was deleted as it was replayed")
@@ -355,7 +362,7 @@ async def _describe(store: TaskStore, name: str, entry: Served) -> dict[str, Any
         # What an external scaler (KEDA's metrics-api) scales on.
         "demand": figures.queued + figures.running,
         "replicas": {
-            "current": figures.workers if figures.current is None else figures.current,
+            "current": figures.replicas_current,
             "desired": figures.desired,
         },
     }
@@ -410,6 +417,8 @@ def _generic_routes(app: FastAPI, served: dict[str, Served], settings: Settings)
                 raise NotFound(f"no task {task_id}")
         else:
             task = await task_or_404(_store(request), task_id, with_output=True)
+        setattr(request.state, STATE_TASK_ID, task_id)
+        setattr(request.state, STATE_FUNCTION, task["function"])
         if task["status"] in TERMINAL:
             return _task_response(task)
         return _task_response(task, 202, **{"Retry-After": str(RETRY_AFTER_PENDING_S)})
@@ -435,6 +444,17 @@ def _generic_routes(app: FastAPI, served: dict[str, Served], settings: Settings)
         if queue is None or not await store.delete(task_id, queue):
             raise NotFound(f"no task {task_id}")
         return Response(status_code=204)
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    async def prometheus_metrics(request: Request) -> Response:
+        store = _store(request)
+        rows = []
+        for name in sorted(served):
+            figures = await store.figures(name)
+            rows.append(
+                (name, figures.queued, figures.running, figures.replicas_current, figures.desired)
+            )
+        return Response(exposition(rows), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

@@ -71,8 +71,23 @@ DEMAND_CHANNEL = RUNQ_PREFIX + "demand"
 # they expire when it stops writing them.
 REPLICAS_PREFIX = RUNQ_PREFIX + "replicas:"
 REPLICAS_TTL_S = 10
+# What `runq deploy` set: hash {function: JSON settings}, and a counter bumped with every
+# deploy that running gateways, workers and autoscalers poll every DEPLOYED_POLL_INTERVAL_S.
+DEPLOYED_KEY = RUNQ_PREFIX + "deployed"
+DEPLOYED_VERSION_KEY = RUNQ_PREFIX + "deployed:version"
+DEPLOYED_POLL_INTERVAL_S = 1.0
 # Idempotency keys, per function, holding {task, body} (the body's digest).
 IDEMPOTENCY_PREFIX = RUNQ_PREFIX + "idem:"
+# A function's outcome stats, one hash per epoch second (runq:stats:<function>:<second>): a count
+# per ended status and latency histogram buckets (runq/queue/stats.py), added by workers in the
+# transaction that records the outcomes. The TTL outlives the longest window `runq status` reads.
+STATS_PREFIX = RUNQ_PREFIX + "stats:"
+STATS_TTL_S = 120
+STATS_WINDOW_S = 60
+# Set of function names `runq status` lists: workers add theirs with every batch's stats;
+# gateways and autoscalers may add theirs at start so a function shows before its first batch.
+# Never pruned: SREM a function that is gone for good.
+FUNCTIONS_KEY = RUNQ_PREFIX + "functions"
 
 # How often workers and the autoscaler look for lapsed leases: with LEASE_TTL_S, a dead worker's
 # tasks are found within about LEASE_TTL_S + REAP_INTERVAL_S.
@@ -143,6 +158,10 @@ def figures_keys(function: str) -> list[str]:
         alive_key(function),
         replicas_key(function),
     ]
+
+
+def stats_key(function: str, epoch_s: int) -> str:
+    return f"{STATS_PREFIX}{function}:{epoch_s}"
 
 
 def idempotency_key(function: str, key_digest: str) -> str:

@@ -11,9 +11,10 @@ import logging
 from redis import Redis
 from rq.utils import now, utcformat
 
+from runq.metrics import metrics
 from runq.queue import constants as k
 from runq.queue import scripts
-from runq.queue.tasks import error_json
+from runq.queue.tasks import TaskStatus, error_json
 
 logger = logging.getLogger("runq.reaper")
 
@@ -50,6 +51,8 @@ class Reaper:
             ],
         )
         ids = [x.decode() for x in requeued], [x.decode() for x in failed]
+        if ids[1]:
+            metrics().tasks.labels(self.function, TaskStatus.FAILED.value).inc(len(ids[1]))
         if ids[0] or ids[1]:
             logger.warning(
                 "%s: %d task(s) of a lost worker re-queued, %d failed worker_lost",

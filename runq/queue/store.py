@@ -86,6 +86,11 @@ class FunctionFigures:
     current: int | None
     desired: int | None
 
+    @property
+    def replicas_current(self) -> int:
+        """The autoscaler's count when one manages the function, else the live workers."""
+        return self.workers if self.current is None else self.current
+
     @classmethod
     def from_reply(cls, reply: list[Any]) -> FunctionFigures:
         queued, running, workers, current, desired = reply

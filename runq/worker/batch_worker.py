@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import FrameType
@@ -29,11 +30,14 @@ from rq.utils import now, utcformat
 from rq.worker import SimpleWorker, WorkerStatus
 
 from runq.functions import Function
+from runq.live import LiveSettings
+from runq.metrics import metrics
 from runq.queue import constants as k
-from runq.queue import scripts
+from runq.queue import scripts, stats
 from runq.queue.reaper import Reaper
 from runq.queue.tasks import (
     TIMED_OUT_CODE,
+    TaskStatus,
     error_json,
     finish_by,
     job_input,
@@ -61,7 +65,13 @@ class Running:
 
 
 class BatchWorker(SimpleWorker):
-    def __init__(self, function: Function, settings: FunctionSettings, connection: Redis) -> None:
+    def __init__(
+        self,
+        function: Function,
+        settings: FunctionSettings,
+        connection: Redis,
+        live: LiveSettings | None = None,
+    ) -> None:
         # One RQ queue per priority, so `rq info` lists this worker on each.
         queues = [
             Queue(
@@ -82,6 +92,8 @@ class BatchWorker(SimpleWorker):
         self.leases_key = k.leases_key(function.name)
         self.slots_key = k.slots_key(function.name)
         self._last_heartbeat = 0.0
+        self.live = live
+        self._last_live_poll = 0.0
         self.batches_run = 0
 
     # lifecycle ------------------------------------------------------------------------------
@@ -106,6 +118,7 @@ class BatchWorker(SimpleWorker):
                     self.process(claimed)
                 self._maybe_heartbeat()
                 self._maybe_reap()
+                self._maybe_follow_deployed()
         finally:
             self.leases.stop()
             super().teardown()
@@ -126,6 +139,22 @@ class BatchWorker(SimpleWorker):
         if time.monotonic() - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
             self.heartbeat()
             self._last_heartbeat = time.monotonic()
+
+    def _maybe_follow_deployed(self) -> None:
+        since = time.monotonic() - self._last_live_poll
+        if self.live is None or since < k.DEPLOYED_POLL_INTERVAL_S:
+            return
+        self._last_live_poll = time.monotonic()
+        changed = self.live.poll(self.connection)
+        if changed is not None and changed[self.function.name] != self.settings:
+            self.apply(changed[self.function.name])
+
+    def apply(self, settings: FunctionSettings) -> None:
+        """Takes new settings between batches (the batch in hand keeps the ones it started with)."""
+        self.settings = settings
+        self.collector.settings = settings
+        self.reaper.retries = settings.retries
+        logger.info("worker %s: settings now %s", self.name, settings.model_dump())
 
     def _maybe_reap(self) -> None:
         if time.monotonic() - self._last_reap >= k.REAP_INTERVAL_S:
@@ -155,16 +184,39 @@ class BatchWorker(SimpleWorker):
             )
         self.leases.release()
         self.batches_run += 1
-        failed = sum(1 for outcome in results if outcome is not None and not outcome.ok)
-        canceled = results.count(None)
+        self._observe(running, results, run_ms)
+
+    def _observe(
+        self, running: list[Running], results: list[Outcome | None], run_ms: float
+    ) -> None:
+        """The batch's metrics and its log line (task ids, never inputs or outputs)."""
+        name = self.function.name
+        statuses = [final_status(outcome) for outcome in results]
+        m = metrics()
+        m.batch_size.labels(name).observe(len(running))
+        m.execution.labels(name).observe(run_ms / 1000)
+        for task in running:
+            waited = task.execution.created_at - task.job.created_at
+            m.queue_wait.labels(name).observe(max(waited.total_seconds(), 0.0))
+        counts = Counter(statuses)
+        for status, count in counts.items():
+            m.tasks.labels(name, status).inc(count)
         logger.info(
-            "batch %s of %d ran in %.1f ms: %d succeeded, %d failed, %d canceled meanwhile",
-            self.function.name,
+            "batch %s of %d ran in %.1f ms: %d succeeded, %d failed, %d timed out, "
+            "%d canceled meanwhile",
+            name,
             len(running),
             run_ms,
-            len(running) - failed - canceled,
-            failed,
-            canceled,
+            counts["succeeded"],
+            counts["failed"],
+            counts["timed_out"],
+            counts["canceled"],
+            extra={
+                "function": name,
+                "batch_size": len(running),
+                "duration_ms": round(run_ms, 3),
+                "task_ids": [task.task_id for task in running],
+            },
         )
 
     def _owned(self, pipe: Pipeline, keys: list[str]) -> list[bool]:
@@ -185,6 +237,9 @@ class BatchWorker(SimpleWorker):
                 running.append(Running(task_id, fields, job, execution))
             for task_id, fields in claimed.expired:
                 _publish(pipe, task_id, fields, task_view(task_id, fields))
+            if claimed.expired:
+                expired = metrics().tasks.labels(self.function.name, TaskStatus.TIMED_OUT.value)
+                expired.inc(len(claimed.expired))
             if running:
                 self.set_state(WorkerStatus.BUSY, pipeline=pipe)
             pipe.execute()
@@ -235,6 +290,16 @@ class BatchWorker(SimpleWorker):
                         self._record_one(pipe, task, outcome, ended)
                     self.cleanup_execution(task.job, pipeline=pipe, execution=task.execution)
                 self._release_slots(pipe, running)
+                stats.record(
+                    pipe,
+                    self.function.name,
+                    [
+                        (final_status(outcome), (ended - task.job.created_at).total_seconds())
+                        for task, outcome in zip(running, outcomes, strict=True)
+                        if outcome is not None
+                    ],
+                    ended.timestamp(),
+                )
                 self.set_state(WorkerStatus.IDLE, pipeline=pipe)
                 pipe.execute()
                 return outcomes
@@ -284,6 +349,17 @@ class BatchWorker(SimpleWorker):
             fields[k.ERROR_FIELD.encode()] = error.encode()
             view = task_view(task.task_id, fields)
         _publish(pipe, task.task_id, fields, view)
+
+
+def final_status(outcome: Outcome | None) -> str:
+    """The task status an outcome ends in; None: canceled or deleted while it ran."""
+    if outcome is None:
+        return TaskStatus.CANCELED.value
+    if outcome.ok:
+        return TaskStatus.SUCCEEDED.value
+    if outcome.error_code == TIMED_OUT_CODE:
+        return TaskStatus.TIMED_OUT.value
+    return TaskStatus.FAILED.value
 
 
 def _publish(pipe: Pipeline, task_id: str, fields: RawHash, view: dict[str, Any]) -> None:

@@ -49,15 +49,19 @@ class BatchCollector:
         self.connection = connection
         self.settings = settings
         self.worker_name = worker_name
-        # An unbatched function takes one task at a time: a task claimed is a task running, for
-        # max_concurrency and for its time limit alike.
-        self.limit = settings.max_batch_size if function.batch else 1
+        self.batched = function.batch
         name = function.name
         self.keys = [*k.queue_keys(name), k.leases_key(name), k.wake_key(name), k.drain_key(name)]
         self.wake_key = k.wake_key(name)
         self.slots_key = k.slots_key(name)
         self._claim = connection.register_script(scripts.CLAIM)
         self._last_batch_size = 0
+
+    @property
+    def limit(self) -> int:
+        # An unbatched function takes one task at a time: a task claimed is a task running, for
+        # max_concurrency and for its time limit alike.
+        return self.settings.max_batch_size if self.batched else 1
 
     def collect(self, block_s: float) -> Claimed | None:
         """Takes a batch, waiting up to ``block_s`` for work or a free slot; None when idle."""

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from tests.conftest import (
@@ -18,6 +19,7 @@ from tests.conftest import (
     Proc,
     alive,
     descendants,
+    free_port,
     start_gateway,
     wait_until,
 )
@@ -25,9 +27,12 @@ from tests.conftest import (
 TARGET = str(ROOT / "tests" / "fns_scaling.py")
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def autoscaler(procs: Callable[..., Proc]) -> Iterator[Proc]:
-    proc = procs("autoscale", TARGET)
+    proc = procs("autoscale", TARGET, "--metrics-port", str(METRICS_PORT))
     wait_until(lambda: "autoscaling" in proc.output() or not proc.alive(), 30, "the autoscaler")
     assert proc.alive(), proc.output()
     yield proc
@@ -95,6 +100,17 @@ def test_a_burst_scales_up_to_max_replicas_and_back_to_zero(
     done = wait_until(lambda: all_ended(scaled, tasks), 60, "the burst to finish")
     assert {task["status"] for task in done} == {"succeeded"}
     wait_until(lambda: replicas(scaled, "burst")["current"] == 0, 20, "scale to zero")
+    # The autoscaler's --metrics-port shows its workers' figures, drained ones included.
+    scraped = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics").text
+    families = {f.name: f.samples for f in text_string_to_metric_families(scraped)}
+    succeeded = [
+        s.value
+        for s in families["runq_tasks"]
+        if s.name == "runq_tasks_total" and s.labels == {"function": "burst", "status": "succeeded"}
+    ]
+    assert succeeded == [24]
+    cold = [s.value for s in families["runq_cold_starts"] if s.labels.get("function") == "burst"]
+    assert cold and cold[0] >= 1
 
 
 def test_sigkill_storm_loses_no_task(scaled: httpx.Client, autoscaler: Proc, redis: Redis) -> None:

@@ -1,0 +1,103 @@
+"""Per-request metrics and the request log line, as pure ASGI middleware.
+
+Only the routes of served functions and of tasks are measured, labelled by function and
+endpoint; any other path (docs, health, a 404 for an unknown function) is passed through
+unmeasured, so no caller can mint label values. Routes add what only they know (the task id,
+the function of a task route, why a request was refused) to ``scope["state"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from runq.metrics import metrics
+
+logger = logging.getLogger("runq.access")
+
+STATE_TASK_ID = "runq_task_id"
+STATE_FUNCTION = "runq_function"
+STATE_REJECTION = "runq_rejection"
+
+
+def classify(method: str, path: str, functions: Collection[str]) -> tuple[str, str] | None:
+    """(function, endpoint) of a measured route; None for any other request."""
+    parts = path.strip("/").split("/")
+    if len(parts) == 4 and parts[:2] == ["v1", "functions"] and parts[2] in functions:
+        if method == "POST" and parts[3] == "predict":
+            return parts[2], "predict"
+        if method == "POST" and parts[3] == "tasks":
+            return parts[2], "submit"
+    if (
+        method == "GET"
+        and len(parts) == 4
+        and parts[:2] == ["v1", "tasks"]
+        and parts[3] == "result"
+    ):
+        # The function is known once the route has read the task.
+        return "", "result"
+    return None
+
+
+class RequestMetrics:
+    def __init__(self, app: ASGIApp, functions: Collection[str]) -> None:
+        self.app = app
+        self.functions = frozenset(functions)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = classify(scope.get("method", ""), scope.get("path", ""), self.functions)
+        if scope["type"] != "http" or route is None:
+            await self.app(scope, receive, send)
+            return
+        function, endpoint = route
+        state = scope.setdefault("state", {})
+        status = 500
+        started = time.perf_counter()
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        in_progress = metrics().requests_in_progress.labels(function, endpoint)
+        in_progress.inc()
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            in_progress.dec()
+            function = function or str(state.get(STATE_FUNCTION, ""))
+            _observe(scope, state, function, endpoint, status, time.perf_counter() - started)
+
+
+def _observe(
+    scope: Scope,
+    state: dict[str, object],
+    function: str,
+    endpoint: str,
+    status: int,
+    elapsed_s: float,
+) -> None:
+    reason = state.get(STATE_REJECTION)
+    if reason is not None:
+        metrics().rejections.labels(function, str(reason)).inc()
+    metrics().request_duration.labels(function, endpoint, str(status)).observe(elapsed_s)
+    task_id = state.get(STATE_TASK_ID)
+    logger.info(
+        "%s %s %d %.1f ms%s",
+        scope["method"],
+        scope["path"],
+        status,
+        elapsed_s * 1000,
+        f" task {task_id}" if task_id else "",
+        extra={
+            "function": function,
+            "endpoint": endpoint,
+            "status": status,
+            "duration_ms": round(elapsed_s * 1000, 3),
+            "task_id": task_id,
+        },
+    )
