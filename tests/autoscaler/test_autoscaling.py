@@ -7,6 +7,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ from tests.conftest import (
     alive,
     descendants,
     free_port,
+    run_runq,
     start_gateway,
     wait_until,
 )
@@ -155,3 +157,24 @@ def test_a_task_whose_worker_dies_without_retries_fails_worker_lost(
     assert ended["error"]["code"] == "worker_lost"
     # Leases lapse in 8 s and are looked for every second.
     assert time.monotonic() - killed_at < 15
+
+
+def test_a_deployed_max_replicas_holds_a_running_autoscaler(
+    scaled: httpx.Client, autoscaler: Proc, redis: Redis, valkey_url: str, tmp_path: Path
+) -> None:
+    deploy_file = tmp_path / "deploy.yaml"
+    deploy_file.write_text("functions:\n  burst: {max_replicas: 1}\n")
+    deployed = run_runq("deploy", str(deploy_file), TARGET, "--redis-url", valkey_url)
+    assert deployed.returncode == 0, deployed.stderr
+    try:
+        wait_until(lambda: "deployed settings (version" in autoscaler.output(), 10, "the deploy")
+        tasks = [
+            scaled.post("/v1/functions/burst/tasks", json={"input": 0.2}).json()["id"]
+            for _ in range(12)
+        ]
+        wait_until(lambda: replicas(scaled, "burst") == {"current": 1, "desired": 1}, 15, "1")
+        done = wait_until(lambda: all_ended(scaled, tasks), 60, "the burst to finish")
+        assert {task["status"] for task in done} == {"succeeded"}
+        assert len(workers_of(autoscaler, "burst")) <= 1
+    finally:
+        redis.delete("runq:deployed", "runq:deployed:version")
