@@ -1,11 +1,16 @@
 """runq: serverless, function-style model serving on a Redis/Valkey queue."""
 
+from runq.client import AsyncClient, Client, Task
 from runq.errors import (
     BadRequest,
     ConfigError,
     Conflict,
+    ConnectionFailed,
+    Gone,
+    IdempotencyConflict,
     ModelError,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     QueueFull,
     RunqError,
@@ -16,15 +21,22 @@ from runq.errors import (
 from runq.functions import Function, function
 
 __all__ = [
+    "AsyncClient",
     "BadRequest",
+    "Client",
     "ConfigError",
     "Conflict",
+    "ConnectionFailed",
     "Function",
+    "Gone",
+    "IdempotencyConflict",
     "ModelError",
     "NotFound",
+    "Overloaded",
     "PayloadTooLarge",
     "QueueFull",
     "RunqError",
+    "Task",
     "Timeout",
     "Unavailable",
     "ValidationFailed",

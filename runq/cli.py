@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -214,6 +215,7 @@ def _gateway(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from redis import Redis
 
+    from runq.storage import open_store
     from runq.worker.batch_worker import BatchWorker
 
     settings, functions = _configured(args)
@@ -234,9 +236,36 @@ def _worker(args: argparse.Namespace) -> int:
         )
     connection = Redis.from_url(redis_url)
     _serve_metrics(settings)
-    live = LiveSettings(settings, {fn.name: fn.declared})
-    BatchWorker(fn, settings.function_settings(fn.name, fn.declared), connection, live).run()
+    BatchWorker(
+        fn,
+        settings.function_settings(fn.name, fn.declared),
+        connection,
+        open_store(settings.storage_url, settings.storage_endpoint_url),
+        inline_max_bytes=settings.inline_max_bytes,
+        live=LiveSettings(settings, {fn.name: fn.declared}),
+        predictions=_prediction_log(settings),
+        webhook_sender=_webhook_sender(settings, connection),
+    ).run()
     return 0
+
+
+def _webhook_sender(settings: Settings, connection: Any) -> Any:
+    from runq.webhooks import WebhookSender
+
+    if settings.webhook_secret is None:
+        return None
+    secret = settings.webhook_secret.get_secret_value().encode()
+    return WebhookSender(connection, secret, allow_private=settings.webhook_allow_private)
+
+
+def _prediction_log(settings: Settings) -> Any:
+    from runq.predlog import PredictionLog
+    from runq.storage import open_store
+
+    if settings.prediction_log_url is None:
+        return None
+    store = open_store(settings.prediction_log_url, settings.storage_endpoint_url)
+    return PredictionLog(store, f"{socket.gethostname()}-{os.getpid()}")
 
 
 # serve -----------------------------------------------------------------------------------------

@@ -111,6 +111,15 @@ class Overloaded(Unavailable):
     code = "overloaded"
 
 
+class ConnectionFailed(Unavailable):
+    """runq.Client got no answer: every attempt failed in transport (refused, reset, timed out).
+
+    Raised by the client, never answered by the gateway; ``details["attempts"]`` counts the tries.
+    """
+
+    code = "connection_failed"
+
+
 class Timeout(RunqError):
     status_code = 504
     code = "timeout"

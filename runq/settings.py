@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -37,6 +38,7 @@ ENV_TARGET = "RUNQ_TARGET"
 ENV_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 ENV_METRICS_PORT = "RUNQ_METRICS_PORT"
 REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+STORAGE_URL_SCHEMES = ("file://", "s3://")
 
 
 class FunctionSettings(BaseModel):
@@ -58,6 +60,8 @@ class FunctionSettings(BaseModel):
     scale_down_delay_s: float = Field(60.0, ge=0)
     result_ttl_s: int = Field(3600, ge=1)
     retries: int = Field(0, ge=0)
+    # Share of tasks whose input and output go to the prediction log (0: none, 1: all).
+    log_predictions: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _replicas_ordered(self) -> FunctionSettings:
@@ -116,9 +120,29 @@ class Settings(BaseModel):
     request_buckets: list[float] | ExponentialBuckets | None = None
     # Workers and autoscalers serve /metrics here (gateways serve it on their own port).
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    # Object storage for inputs and outputs above inline_max_bytes: file://DIR or
+    # s3://BUCKET[/PREFIX]; unset: file://<system temp dir>/runq-objects (one host only).
+    storage_url: str | None = None
+    # An S3-compatible endpoint (MinIO, Ceph, moto); credentials come from boto3's usual chain.
+    storage_endpoint_url: str | None = None
+    inline_max_bytes: int = Field(256 * 1024, ge=1)
+    presign_ttl_s: int = Field(300, ge=1, le=7 * 24 * 3600)
+    # Where sampled predictions go as JSON Lines: file://DIR or s3://BUCKET[/PREFIX].
+    prediction_log_url: str | None = None
+    # Webhook deliveries are signed with it (HMAC-SHA256); unset: webhooks are refused.
+    webhook_secret: SecretStr | None = None
+    # Private, loopback and link-local webhook addresses are refused unless allowed (SSRF).
+    webhook_allow_private: bool = False
     # Per-function overrides by function name; checked against the declared functions by
     # `function_settings`, so a name or key that matches nothing stops the start.
     functions: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("storage_url", "prediction_log_url")
+    @classmethod
+    def _storage_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(STORAGE_URL_SCHEMES):
+            raise ValueError(f"must start with one of {', '.join(STORAGE_URL_SCHEMES)}")
+        return url
 
     @field_validator("redis_url")
     @classmethod
@@ -289,6 +313,8 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process load exactly these settings."""
     env: dict[str, str] = {}
     for key, value in settings.model_dump(exclude_defaults=True, exclude={"functions"}).items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         structured = isinstance(value, list | dict)
         env[ENV_PREFIX + key.upper()] = json.dumps(value) if structured else str(value)
     for name, overrides in settings.functions.items():

@@ -17,6 +17,7 @@ import pytest
 from redis import Redis
 
 from runq.embedded import EmbeddedValkey
+from tests.fns import CALLS_KEY, RAN_KEY
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -68,6 +69,23 @@ def alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat").read_text()
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+PRIORITY_SUFFIXES = ("", ".high", ".low")
+
+
+def clear_function(redis: Redis, function: str) -> None:
+    """Empties every priority queue of a worker-less function and what it recorded."""
+    redis.delete(
+        *(f"rq:queue:runq.{function}{suffix}" for suffix in PRIORITY_SUFFIXES),
+        f"runq:wake:{function}",
+        CALLS_KEY.format(function),
+        RAN_KEY.format(function),
+    )
+
+
+def queued(redis: Redis, function: str) -> int:
+    return sum(redis.llen(f"rq:queue:runq.{function}{s}") for s in PRIORITY_SUFFIXES)
 
 
 def run_runq(
@@ -170,7 +188,11 @@ def start_gateway(
     port = free_port()
     proc = procs("gateway", target, "--port", str(port), *extra, env=env)
     url = f"http://127.0.0.1:{port}"
+    wait_for_gateway(proc, url)
+    return url
 
+
+def wait_for_gateway(proc: Proc, url: str) -> None:
     def ready() -> bool:
         if not proc.alive():
             raise AssertionError(f"gateway exited:\n{proc.output()}")
@@ -180,14 +202,17 @@ def start_gateway(
             return False
 
     wait_until(ready, 30, "the gateway to be ready")
-    return url
 
 
 def start_worker(
-    procs: Callable[..., Proc], redis: Redis, function: str, target: str = FNS
+    procs: Callable[..., Proc],
+    redis: Redis,
+    function: str,
+    target: str = FNS,
+    env: dict[str, str] | None = None,
 ) -> Proc:
     before = redis.scard(f"rq:workers:runq.{function}")
-    proc = procs("worker", target, "--function", function)
+    proc = procs("worker", target, "--function", function, env=env)
 
     def registered() -> bool:
         if not proc.alive():

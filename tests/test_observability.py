@@ -135,7 +135,12 @@ def test_logs_are_json_lines_with_task_ids_and_no_payloads(served: tuple[str, Pr
     wait_until(lambda: task["id"] in proc.output(), what="the request's log line")
     output = proc.output()
     assert SECRET_INPUT not in output
-    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    # Whole lines only: the processes are still writing to the log.
+    lines = [
+        json.loads(line)
+        for line in output.splitlines(keepends=True)
+        if line.startswith("{") and line.endswith("\n")
+    ]
     request = next(entry for entry in lines if entry.get("task_id") == task["id"])
     assert request["endpoint"] == "predict" and request["status"] == 200
     batch = next(entry for entry in lines if task["id"] in entry.get("task_ids", []))

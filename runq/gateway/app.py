@@ -25,6 +25,7 @@ from runq.queue import constants as k
 from runq.queue.store import TaskStore
 from runq.queue.waiter import TaskWaiter
 from runq.settings import ENV_TARGET, Settings, load_settings
+from runq.storage import open_store
 
 logger = logging.getLogger("runq.gateway")
 
@@ -43,6 +44,7 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
     }
     redis_url = settings.redis_url
     live = LiveSettings(settings, {name: fn.declared for name, fn in functions.items()})
+    objects = open_store(settings.storage_url, settings.storage_endpoint_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,7 +52,13 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
             redis_url, max_connections=REDIS_POOL_SIZE, timeout=REDIS_POOL_WAIT_S
         )
         redis = aioredis.Redis(connection_pool=pool)
-        store = TaskStore(redis, redis_url, idempotency_ttl_s=settings.idempotency_ttl_s)
+        store = TaskStore(
+            redis,
+            redis_url,
+            objects=objects,
+            inline_max_bytes=settings.inline_max_bytes,
+            idempotency_ttl_s=settings.idempotency_ttl_s,
+        )
         waiter = TaskWaiter(redis, store)
         await waiter.start()
         app.state.redis = redis

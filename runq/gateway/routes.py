@@ -3,17 +3,20 @@
 # No `from __future__ import annotations`: FastAPI must see the per-function body models that
 # the route closures annotate with, not their names.
 
+import asyncio
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from redis.exceptions import RedisError
 
+from runq import webhooks
 from runq.errors import (
     Conflict,
     ModelError,
@@ -30,13 +33,15 @@ from runq.gateway.observe import STATE_FUNCTION, STATE_TASK_ID
 from runq.metrics import exposition
 from runq.queue import constants as k
 from runq.queue.store import Admission, Admitted, TaskStore, new_task_id
-from runq.queue.tasks import TERMINAL, TIMED_OUT_CODE, TaskStatus, error_json
+from runq.queue.tasks import OUTPUT_REF, TERMINAL, TIMED_OUT_CODE, TaskStatus, error_json
 from runq.queue.waiter import TaskWaiter
 from runq.settings import FunctionSettings, Settings
+from runq.storage import ObjectStore
 
 RETRY_AFTER_PENDING_S = 1
 # Idempotency keys are caller-chosen; Stripe and the IETF draft both stay within 255 characters.
 IDEMPOTENCY_KEY_MAX_CHARS = 255
+WEBHOOK_URL_MAX_CHARS = 2048
 REPLAYED_HEADER = "Idempotent-Replayed"
 
 Priority = Literal["high", "normal", "low"]
@@ -97,6 +102,17 @@ async def _idempotency_key(
     ),
 ) -> str | None:
     return key
+
+
+async def _checked_webhook(url: str | None, settings: Settings) -> str | None:
+    if url is None:
+        return None
+    if settings.webhook_secret is None:
+        raise ValidationFailed("webhooks are off on this server (webhook_secret is not set)")
+    # Resolving the host blocks: not on the event loop.
+    return await asyncio.to_thread(
+        webhooks.check_url, url, allow_private=settings.webhook_allow_private
+    )
 
 
 def _body_digest(body: BaseModel) -> str:
@@ -161,6 +177,14 @@ def _function_routes(app: FastAPI, name: str, entry: Served, settings: Settings)
             float | None,
             Field(None, gt=0, description="seconds it may wait queued; then timed_out, never run"),
         ),
+        webhook=(
+            str | None,
+            Field(
+                None,
+                max_length=WEBHOOK_URL_MAX_CHARS,
+                description="http(s) URL to POST the task to when it ends (signed)",
+            ),
+        ),
     )
     response_model = create_model(
         f"{title}Task", __base__=TaskModel, output=(fn.output_type | None, None)
@@ -210,6 +234,7 @@ def _function_routes(app: FastAPI, name: str, entry: Served, settings: Settings)
         idempotency_key: str | None = Depends(_idempotency_key),
     ) -> Response:
         timeout, ttl = body.timeout_s, body.ttl_s  # type: ignore[attr-defined]
+        webhook = await _checked_webhook(body.webhook, settings)  # type: ignore[attr-defined]
         store = _store(request)
         admitted = await store.enqueue(
             name,
@@ -223,6 +248,7 @@ def _function_routes(app: FastAPI, name: str, entry: Served, settings: Settings)
                 finish_within_s=timeout,
                 idempotency_key=idempotency_key,
                 body_digest=_body_digest(body),
+                webhook=webhook,
             ),
         )
         setattr(request.state, STATE_TASK_ID, admitted.task_id)
@@ -302,7 +328,7 @@ async def _predict_answer(
         raise NotFound(f"task {task_id} was deleted while it was waited on", task_id=task_id)
     status = task["status"]
     if status == TaskStatus.SUCCEEDED:
-        return _replayed(_task_response(task), admitted)
+        return _replayed(_task_response(await store.with_output(task)), admitted)
     if status not in TERMINAL:
         if poll:
             return _replayed(
@@ -342,6 +368,25 @@ async def _give_up(
     if before == "queued":
         return message + "; it never started and was withdrawn"
     return message + "; it is still running"
+
+
+async def _stored_output(
+    objects: ObjectStore, task: dict[str, Any], output_ref: str, redirect_ttl_s: int | None
+) -> Response:
+    """A stored output: a redirect to it when asked and possible, else the task JSON streamed
+    with the object's bytes as its output, never held whole in memory."""
+    if redirect_ttl_s is not None:
+        url = await asyncio.to_thread(objects.presign, output_ref, redirect_ttl_s)
+        if url is not None:
+            return RedirectResponse(url, status_code=307)
+    head = json.dumps(task)[:-1].encode() + b',"output":'
+
+    def body() -> Iterator[bytes]:
+        yield head
+        yield from objects.chunks(output_ref)
+        yield b"}"
+
+    return StreamingResponse(body(), media_type="application/json")
 
 
 def _replayed(response: Response, admitted: Admitted) -> Response:
@@ -408,6 +453,10 @@ def _generic_routes(app: FastAPI, served: dict[str, Served], settings: Settings)
         task_id: str,
         request: Request,
         wait: float = Query(0, ge=0, description="seconds to wait for the task to end"),
+        redirect: bool = Query(
+            False,
+            description="an output kept in S3 is answered with a 307 to a short-lived URL",
+        ),
     ) -> Response:
         wait_s = _checked_timeout(wait, None, settings, "wait")
         if wait_s > 0:
@@ -419,9 +468,13 @@ def _generic_routes(app: FastAPI, served: dict[str, Served], settings: Settings)
             task = await task_or_404(_store(request), task_id, with_output=True)
         setattr(request.state, STATE_TASK_ID, task_id)
         setattr(request.state, STATE_FUNCTION, task["function"])
-        if task["status"] in TERMINAL:
+        if task["status"] not in TERMINAL:
+            return _task_response(task, 202, **{"Retry-After": str(RETRY_AFTER_PENDING_S)})
+        output_ref = task.pop(OUTPUT_REF, None)
+        if output_ref is None:
             return _task_response(task)
-        return _task_response(task, 202, **{"Retry-After": str(RETRY_AFTER_PENDING_S)})
+        redirect_ttl_s = settings.presign_ttl_s if redirect else None
+        return await _stored_output(_store(request).objects, task, output_ref, redirect_ttl_s)
 
     @app.post("/v1/tasks/{task_id}/cancel", tags=["tasks"], response_model=TaskModel)
     async def cancel_task(task_id: str, request: Request) -> Response:

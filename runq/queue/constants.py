@@ -89,6 +89,26 @@ STATS_WINDOW_S = 60
 # Never pruned: SREM a function that is gone for good.
 FUNCTIONS_KEY = RUNQ_PREFIX + "functions"
 
+# Webhook deliveries: a hash per task (runq:webhook:<task id>) {url, body, attempts}, added in the
+# transaction that records the task's outcome, and a sorted set of task ids scored by the next
+# attempt's time (server epoch s). A sender claims due ones by pushing their score
+# WEBHOOK_LEASE_S ahead, so two senders never send one delivery at once; one that dies while
+# sending leaves the delivery to be sent again once the lease passes (at-least-once).
+WEBHOOK_PREFIX = RUNQ_PREFIX + "webhook:"
+WEBHOOKS_DUE_KEY = RUNQ_PREFIX + "webhooks:due"
+# Outlives the whole retry schedule by far: a delivery waits here while no sender runs.
+WEBHOOK_TTL_S = 24 * 3600
+# Covers a claimed batch sent one after another (WEBHOOK_CLAIM_MAX x WEBHOOK_TIMEOUT_S + DNS).
+WEBHOOK_LEASE_S = 60.0
+WEBHOOK_CLAIM_MAX = 8
+WEBHOOK_POLL_INTERVAL_S = 0.2
+WEBHOOK_TIMEOUT_S = 5.0
+# Retry n waits WEBHOOK_BACKOFF_S * 2**(n-1), at most WEBHOOK_BACKOFF_MAX_S; after
+# WEBHOOK_MAX_ATTEMPTS failed attempts the delivery is dropped (retries over about 8.5 min).
+WEBHOOK_BACKOFF_S = 1.0
+WEBHOOK_BACKOFF_MAX_S = 300.0
+WEBHOOK_MAX_ATTEMPTS = 10
+
 # How often workers and the autoscaler look for lapsed leases: with LEASE_TTL_S, a dead worker's
 # tasks are found within about LEASE_TTL_S + REAP_INTERVAL_S.
 REAP_INTERVAL_S = 1.0
@@ -198,3 +218,7 @@ def canceled_registry_key(queue: str) -> str:
 
 def task_channel(task_id: str) -> str:
     return TASK_CHANNEL_PREFIX + task_id
+
+
+def webhook_key(task_id: str) -> str:
+    return WEBHOOK_PREFIX + task_id

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import math
 import secrets
 import time
@@ -15,13 +17,18 @@ from redis import Redis
 from rq.job import JobStatus
 from rq.utils import now, utcformat
 
+from runq import storage
 from runq.errors import Gone, IdempotencyConflict, QueueFull
 from runq.queue import constants as k
 from runq.queue import scripts
 from runq.queue.tasks import (
     DEADLINE_FIELD,
+    INPUT_REF_FIELD,
+    OUTPUT_REF,
+    OUTPUT_REF_FIELD,
     TaskStatus,
     deadline_passed_error,
+    field_text,
     new_job_fields,
     queued_view,
     result_output,
@@ -29,6 +36,7 @@ from runq.queue.tasks import (
     text,
 )
 from runq.settings import FunctionSettings
+from runq.storage import ObjectStore
 
 
 def new_task_id() -> str:
@@ -66,6 +74,8 @@ class Admission:
     reply_to: str | None = None
     idempotency_key: str | None = None
     body_digest: str = ""
+    # Checked already (runq.webhooks.check_url).
+    webhook: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,9 +115,17 @@ class FunctionFigures:
 
 class TaskStore:
     def __init__(
-        self, redis: aioredis.Redis, redis_url: str, *, idempotency_ttl_s: int = 86_400
+        self,
+        redis: aioredis.Redis,
+        redis_url: str,
+        *,
+        objects: ObjectStore,
+        inline_max_bytes: int,
+        idempotency_ttl_s: int = 86_400,
     ) -> None:
         self.redis = redis
+        self.objects = objects
+        self.inline_max_bytes = inline_max_bytes
         self.idempotency_ttl_s = idempotency_ttl_s
         # RQ's Job wants a connection object to build a job; it never does I/O with it here.
         self._job_connection = Redis.from_url(redis_url)
@@ -127,6 +145,7 @@ class TaskStore:
     ) -> Admitted:
         """Admits a task under the queue cap, or finds the task its idempotency key names."""
         task_id = task_id or new_task_id()
+        input_ref = await self._store_if_big(storage.input_key(function, task_id), payload)
         fields = new_job_fields(
             function=function,
             settings=settings,
@@ -135,6 +154,8 @@ class TaskStore:
             priority=admission.priority,
             reply_to=admission.reply_to,
             connection=self._job_connection,
+            input_ref=input_ref,
+            webhook=admission.webhook,
         )
         keys = [
             k.queue_key(k.queue_name(function, admission.priority)),
@@ -170,6 +191,8 @@ class TaskStore:
         held = value.decode()
         if outcome == _ENQUEUED:
             return Admitted(task_id, replayed=False, task=queued_view(task_id, fields))
+        if input_ref is not None:
+            await asyncio.to_thread(self.objects.delete, [input_ref])
         if outcome == _REPLAYED:
             return Admitted(held, replayed=True, task=None)
         if outcome == _CONFLICT:
@@ -202,9 +225,27 @@ class TaskStore:
         if _overdue_in_queue(fields) and await self._end_if_due(task_id, fields):
             return await self.read(task_id, with_output=with_output)
         task = task_view(task_id, fields)
-        if with_output and task["status"] == TaskStatus.SUCCEEDED and replies[1]:
-            task["output"] = result_output(replies[1][0][1])
+        if with_output and task["status"] == TaskStatus.SUCCEEDED:
+            output_ref = field_text(fields, OUTPUT_REF_FIELD)
+            if output_ref is not None:
+                task[OUTPUT_REF] = output_ref
+            elif replies[1]:
+                task["output"] = result_output(replies[1][0][1])
         return task
+
+    async def with_output(self, task: dict[str, Any]) -> dict[str, Any]:
+        """The task with a stored output (``output_ref``) read back in place of its key."""
+        output_ref = task.pop(OUTPUT_REF, None)
+        if output_ref is not None:
+            task["output"] = json.loads(await asyncio.to_thread(self.objects.get, output_ref))
+        return task
+
+    async def _store_if_big(self, key: str, payload: Any) -> str | None:
+        data = json.dumps(payload, separators=(",", ":")).encode()
+        if len(data) <= self.inline_max_bytes:
+            return None
+        await asyncio.to_thread(self.objects.put, key, data)
+        return key
 
     async def cancel(
         self, task_id: str, queue: str, *, which: CancelScope, error: str
@@ -227,6 +268,7 @@ class TaskStore:
         return text(await self.redis.hget(k.job_key(task_id), "origin"))
 
     async def delete(self, task_id: str, queue: str) -> bool:
+        refs = await self.redis.hmget(k.job_key(task_id), INPUT_REF_FIELD, OUTPUT_REF_FIELD)
         deleted = await self._delete(
             keys=[
                 k.job_key(task_id),
@@ -240,6 +282,9 @@ class TaskStore:
             ],
             args=[task_id, k.RQ_EXECUTION_PREFIX],
         )
+        stored = [str(text(ref)) for ref in refs if ref]
+        if deleted and stored:
+            await asyncio.to_thread(self.objects.delete, stored)
         return bool(deleted)
 
     async def figures(self, function: str) -> FunctionFigures:

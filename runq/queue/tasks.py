@@ -55,6 +55,13 @@ _FROM_RQ = {
 # epoch seconds), and where a waiting predict listens.
 DEADLINE_FIELD = "runq_deadline"
 FINISH_BY_FIELD = "runq_finish_by"
+# Object-store keys of an input or output too big to travel through Redis (claim check); a task
+# view carries OUTPUT_REF until the gateway swaps in the output itself.
+INPUT_REF_FIELD = "runq_input_ref"
+OUTPUT_REF_FIELD = "runq_output_ref"
+OUTPUT_REF = "output_ref"
+# Where to POST the task when it ends (submitted with "webhook").
+WEBHOOK_FIELD = "runq_webhook"
 _REPLY_TO_FIELD = "runq_reply_to"
 _ATTEMPTS_FIELD = "runq_attempts"
 
@@ -76,6 +83,8 @@ def new_job_fields(
     priority: str,
     reply_to: str | None,
     connection: Redis,
+    input_ref: str | None = None,
+    webhook: str | None = None,
 ) -> dict[str, Any]:
     """The job hash of a new queued task, in RQ's layout (RQ's own `Job` writes it).
 
@@ -83,7 +92,8 @@ def new_job_fields(
     """
     job = Job.create(
         FUNC_REF,
-        args=[payload],
+        # A stored input leaves only its key in the job hash.
+        args=[None if input_ref else payload],
         id=task_id,
         connection=connection,
         serializer=JSONSerializer,
@@ -98,18 +108,26 @@ def new_job_fields(
     fields["status"] = JobStatus.QUEUED.value
     if reply_to is not None:
         fields[_REPLY_TO_FIELD] = reply_to
+    if input_ref is not None:
+        fields[INPUT_REF_FIELD] = input_ref
+    if webhook is not None:
+        fields[WEBHOOK_FIELD] = webhook
     return fields
 
 
 def job_input(fields: Mapping[bytes, bytes]) -> Any:
-    """The task's input from its job hash (RQ stores ``[func, instance, args, kwargs]``)."""
+    """The task's inline input from its job hash (RQ stores ``[func, instance, args, kwargs]``)."""
     _func, _instance, args, _kwargs = JSONSerializer.loads(zlib.decompress(fields[b"data"]))
     return args[0]
 
 
-def reply_channel(fields: Mapping[bytes, bytes]) -> str | None:
-    value = fields.get(_REPLY_TO_FIELD.encode())
+def field_text(fields: Mapping[bytes, bytes], name: str) -> str | None:
+    value = fields.get(name.encode())
     return value.decode() if value else None
+
+
+def reply_channel(fields: Mapping[bytes, bytes]) -> str | None:
+    return field_text(fields, _REPLY_TO_FIELD)
 
 
 def task_view(task_id: str, fields: Mapping[bytes, bytes]) -> dict[str, Any]:

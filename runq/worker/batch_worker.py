@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import signal
 import time
 from collections import Counter
@@ -29,22 +30,31 @@ from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 from rq.worker import SimpleWorker, WorkerStatus
 
+from runq import storage, webhooks
 from runq.functions import Function
 from runq.live import LiveSettings
 from runq.metrics import metrics
+from runq.predlog import PredictionLog
 from runq.queue import constants as k
 from runq.queue import scripts, stats
 from runq.queue.reaper import Reaper
 from runq.queue.tasks import (
+    INPUT_REF_FIELD,
+    OUTPUT_REF,
+    OUTPUT_REF_FIELD,
     TIMED_OUT_CODE,
+    WEBHOOK_FIELD,
     TaskStatus,
     error_json,
+    field_text,
     finish_by,
     job_input,
     reply_channel,
     task_view,
 )
 from runq.settings import FunctionSettings
+from runq.storage import ObjectStore, StorageError
+from runq.webhooks import WebhookSender
 from runq.worker.collect import BatchCollector, Claimed, RawHash
 from runq.worker.leases import LeaseKeeper
 from runq.worker.runner import BatchTimeout, ModelRunner, Outcome, failure
@@ -52,6 +62,10 @@ from runq.worker.runner import BatchTimeout, ModelRunner, Outcome, failure
 logger = logging.getLogger("runq.worker")
 
 HEARTBEAT_INTERVAL_S = 10.0
+SWEEP_INTERVAL_S = 600.0
+SWEEP_MARGIN_S = 24 * 3600.0
+# A task whose input or output the object store could not read or write.
+STORAGE_ERROR_CODE = "storage_error"
 
 
 @dataclass
@@ -62,6 +76,8 @@ class Running:
     fields: RawHash
     job: Job
     execution: Execution
+    # The input, once loaded (kept for the prediction log).
+    payload: Any = None
 
 
 class BatchWorker(SimpleWorker):
@@ -70,7 +86,12 @@ class BatchWorker(SimpleWorker):
         function: Function,
         settings: FunctionSettings,
         connection: Redis,
+        objects: ObjectStore,
+        *,
+        inline_max_bytes: int,
         live: LiveSettings | None = None,
+        predictions: PredictionLog | None = None,
+        webhook_sender: WebhookSender | None = None,
     ) -> None:
         # One RQ queue per priority, so `rq info` lists this worker on each.
         queues = [
@@ -93,6 +114,11 @@ class BatchWorker(SimpleWorker):
         self.slots_key = k.slots_key(function.name)
         self._last_heartbeat = 0.0
         self.live = live
+        self.objects = objects
+        self.predictions = predictions
+        self.webhook_sender = webhook_sender
+        self.inline_max_bytes = inline_max_bytes
+        self._last_sweep = 0.0
         self._last_live_poll = 0.0
         self.batches_run = 0
 
@@ -111,6 +137,9 @@ class BatchWorker(SimpleWorker):
         )
         self.bootstrap(logging_level=None)
         self.leases.start()
+        for helper in (self.predictions, self.webhook_sender):
+            if helper is not None:
+                helper.start()
         try:
             while not self._stop_requested:
                 claimed = self.collector.collect(block_s=k.WORKER_DEQUEUE_TIMEOUT_S)
@@ -119,8 +148,12 @@ class BatchWorker(SimpleWorker):
                 self._maybe_heartbeat()
                 self._maybe_reap()
                 self._maybe_follow_deployed()
+                self._maybe_sweep()
         finally:
             self.leases.stop()
+            for helper in (self.predictions, self.webhook_sender):
+                if helper is not None:
+                    helper.stop()
             super().teardown()
             logger.info("worker %s: stopped after %d batches", self.name, self.batches_run)
 
@@ -156,6 +189,17 @@ class BatchWorker(SimpleWorker):
         self.reaper.retries = settings.retries
         logger.info("worker %s: settings now %s", self.name, settings.model_dump())
 
+    def _maybe_sweep(self) -> None:
+        # Stored objects outlive their task record by a day at most (file stores; S3 buckets
+        # expire them by lifecycle rule): a task may wait in a queue long before it runs.
+        if time.monotonic() - self._last_sweep < SWEEP_INTERVAL_S:
+            return
+        self._last_sweep = time.monotonic()
+        try:
+            self.objects.sweep(self.function.name, self.settings.result_ttl_s + SWEEP_MARGIN_S)
+        except OSError as exc:
+            logger.warning("worker %s: cannot sweep old objects: %s", self.name, exc)
+
     def _maybe_reap(self) -> None:
         if time.monotonic() - self._last_reap >= k.REAP_INTERVAL_S:
             self.reaper.reap()
@@ -185,6 +229,31 @@ class BatchWorker(SimpleWorker):
         self.leases.release()
         self.batches_run += 1
         self._observe(running, results, run_ms)
+        if self.predictions is not None and self.settings.log_predictions > 0:
+            self._log_predictions(self.predictions, running, results)
+
+    def _log_predictions(
+        self, log: PredictionLog, running: list[Running], results: list[Outcome | None]
+    ) -> None:
+        ended = time.time()
+        for task, outcome in zip(running, results, strict=True):
+            if outcome is None or random.random() >= self.settings.log_predictions:
+                continue
+            record: dict[str, Any] = {
+                "time": ended,
+                "function": self.function.name,
+                "task_id": task.task_id,
+                "status": final_status(outcome),
+                "latency_s": ended - task.job.created_at.timestamp(),
+                "input": task.payload,
+            }
+            if outcome.output_ref is not None:
+                record["output_ref"] = outcome.output_ref
+            elif outcome.ok:
+                record["output"] = outcome.output
+            else:
+                record["error"] = {"code": outcome.error_code, "message": outcome.error_message}
+            log.add(record)
 
     def _observe(
         self, running: list[Running], results: list[Outcome | None], run_ms: float
@@ -251,13 +320,44 @@ class BatchWorker(SimpleWorker):
         limit_s, why = self._time_limit(running, claimed)
         if limit_s <= 0:
             return [failure(TIMED_OUT_CODE, why)] * len(running)
-        payloads = [job_input(task.fields) for task in running]
+        outcomes: list[Outcome | None] = [None] * len(running)
+        loaded: list[tuple[int, Any]] = []
+        for i, task in enumerate(running):
+            try:
+                loaded.append((i, self._input(task)))
+            except StorageError as exc:
+                outcomes[i] = failure(STORAGE_ERROR_CODE, exc.message)
         try:
             with _time_limit(limit_s):
-                return self.runner.run(payloads)
+                ran = self.runner.run([payload for _, payload in loaded])
         except BatchTimeout:
             logger.warning("worker %s: batch of %d stopped: %s", self.name, len(running), why)
             return [failure(TIMED_OUT_CODE, why)] * len(running)
+        for (i, _), outcome in zip(loaded, ran, strict=True):
+            outcomes[i] = self._stored_if_big(running[i], outcome)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _input(self, task: Running) -> Any:
+        input_ref = field_text(task.fields, INPUT_REF_FIELD)
+        if input_ref is None:
+            task.payload = job_input(task.fields)
+        else:
+            task.payload = json.loads(self.objects.get(input_ref))
+        return task.payload
+
+    def _stored_if_big(self, task: Running, outcome: Outcome) -> Outcome:
+        """The outcome, its output moved to object storage when it is too big for Redis."""
+        if not outcome.ok:
+            return outcome
+        data = json.dumps(outcome.output, separators=(",", ":")).encode()
+        if len(data) <= self.inline_max_bytes:
+            return outcome
+        key = storage.output_key(self.function.name, task.task_id)
+        try:
+            self.objects.put(key, data)
+        except StorageError as exc:
+            return failure(STORAGE_ERROR_CODE, exc.message)
+        return Outcome(output_ref=key)
 
     def _time_limit(self, running: list[Running], claimed: Claimed) -> tuple[float, str]:
         """How long the batch may run, and what to say when it is stopped.
@@ -336,7 +436,11 @@ class BatchWorker(SimpleWorker):
             self.increment_successful_job_count(pipeline=pipe)
             fields[b"status"] = JobStatus.FINISHED.value.encode()
             view = task_view(task.task_id, fields)
-            view["output"] = outcome.output
+            if outcome.output_ref is None:
+                view["output"] = outcome.output
+            else:
+                pipe.hset(job.key, OUTPUT_REF_FIELD, outcome.output_ref)
+                view[OUTPUT_REF] = outcome.output_ref
         else:
             assert outcome.error_code is not None
             error = error_json(outcome.error_code, outcome.error_message)
@@ -349,6 +453,11 @@ class BatchWorker(SimpleWorker):
             fields[k.ERROR_FIELD.encode()] = error.encode()
             view = task_view(task.task_id, fields)
         _publish(pipe, task.task_id, fields, view)
+        webhook = field_text(task.fields, WEBHOOK_FIELD)
+        if webhook is not None:
+            # A stored output is not sent: the receiver fetches it from the task's result.
+            public = {key: value for key, value in view.items() if key != OUTPUT_REF}
+            webhooks.enqueue(pipe, task.task_id, webhook, json.dumps(public).encode())
 
 
 def final_status(outcome: Outcome | None) -> str:

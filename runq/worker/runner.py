@@ -23,6 +23,8 @@ class Outcome:
     error_code: str | None = None
     error_message: str = ""
     traceback: str = ""
+    # Set instead of output when the output went to object storage (too big for Redis).
+    output_ref: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -1,0 +1,613 @@
+"""Python clients for the HTTP API that survive a bad network.
+
+``Client`` and ``AsyncClient`` share everything but the I/O: the retry policy (exponential
+backoff with full jitter, ``Retry-After`` honoured, an overall deadline), request building and
+response decoding live here once; each class only sends and sleeps. Every call is safe to
+repeat: submit and predict carry one ``Idempotency-Key`` per logical call, reused on each retry,
+so a retried submit never makes a second task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from types import TracebackType
+from typing import Any, Literal, Self
+from urllib.parse import quote
+
+import httpx
+
+from runq.errors import (
+    BadRequest,
+    Conflict,
+    ConnectionFailed,
+    Gone,
+    IdempotencyConflict,
+    ModelError,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    QueueFull,
+    RunqError,
+    Timeout,
+    Unavailable,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+
+Priority = Literal["high", "normal", "low"]
+
+# A long-poll (predict, result?wait=) may hold its answer this long past its wait: the gateway
+# withdraws or reads the task, then answers. Also predict's default deadline beyond its timeout.
+ANSWER_MARGIN_S = 5.0
+# The least time worth starting an attempt with; closer to the deadline the last error stands.
+MIN_ATTEMPT_S = 0.1
+TERMINAL = frozenset({"succeeded", "failed", "canceled", "timed_out"})
+# Answers worth asking again: overload, a gateway restarting or a proxy's failed hop.
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# Transport failures that may pass; a malformed URL or an unsupported scheme will not.
+TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+# ... and those where the request surely never reached the gateway.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+_BY_CODE: dict[str, type[RunqError]] = {
+    cls.code: cls
+    for cls in (
+        RunqError,
+        BadRequest,
+        NotFound,
+        Conflict,
+        Gone,
+        PayloadTooLarge,
+        UnsupportedMediaType,
+        ValidationFailed,
+        IdempotencyConflict,
+        ModelError,
+        Unavailable,
+        QueueFull,
+        Overloaded,
+        Timeout,
+    )
+}
+# For answers without runq's error body (a proxy in between).
+_BY_STATUS: dict[int, type[RunqError]] = {
+    400: BadRequest,
+    404: NotFound,
+    409: Conflict,
+    410: Gone,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+    422: ValidationFailed,
+    502: Unavailable,
+    503: Unavailable,
+    504: Timeout,
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task as the gateway answers it; ``output`` or ``error`` once it has ended."""
+
+    id: str
+    function: str
+    priority: str
+    status: str
+    created_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    attempts: int = 0
+    output: Any = None
+    error: dict[str, Any] | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Task:
+        """Keys this version does not know are left out, so newer gateways still decode."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# retry policy ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Retry:
+    """When to try again and how long to wait first; clocks and jitter are injectable."""
+
+    retries: int
+    backoff_s: float
+    backoff_max_s: float
+    clock: Callable[[], float] = time.monotonic
+    wall_clock: Callable[[], float] = time.time
+    jitter: Callable[[], float] = random.random
+
+    def start(self, deadline_s: float | None) -> _Attempts:
+        now = self.clock()
+        return _Attempts(self, now, None if deadline_s is None else now + deadline_s)
+
+    def backoff(self, attempt: int) -> float:
+        """Full jitter: uniform below min(backoff_max_s, backoff_s * 2**(attempt - 1))."""
+        ceiling = min(self.backoff_max_s, self.backoff_s * 2.0 ** min(attempt - 1, 62))
+        return self.jitter() * ceiling
+
+    def retry_after(self, value: str | None) -> float | None:
+        """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date)."""
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            pass
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - self.wall_clock())
+
+
+@dataclass
+class _Attempts:
+    """One logical call's attempts so far, against its deadline."""
+
+    policy: _Retry
+    started: float
+    deadline: float | None
+    count: int = 0
+    # An attempt failed after its request may have reached the gateway.
+    maybe_done: bool = False
+
+    def elapsed(self) -> float:
+        return self.policy.clock() - self.started
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - self.policy.clock()
+
+    def next_delay(self, retry_after: str | None = None) -> float | None:
+        """Seconds to wait before the next attempt, or None: give up, the last outcome stands.
+
+        Full-jitter backoff, at least ``Retry-After`` when given, capped by backoff_max_s; a wait
+        that would leave no time before the deadline gives up at once instead.
+        """
+        if self.count > self.policy.retries:
+            return None
+        delay = self.policy.backoff(self.count)
+        hint = self.policy.retry_after(retry_after)
+        if hint is not None:
+            delay = max(delay, hint)
+        delay = min(delay, self.policy.backoff_max_s)
+        remaining = self.remaining()
+        if remaining is not None and delay + MIN_ATTEMPT_S > remaining:
+            return None
+        return delay
+
+    def wait_s(self, wait_s: float) -> float:
+        """A long-poll's wait for this attempt: what is left of it, its answer's margin kept."""
+        remaining = self.remaining()
+        if remaining is None:
+            return wait_s
+        return round(max(min(wait_s, remaining - min(ANSWER_MARGIN_S, remaining / 2)), 0.001), 3)
+
+    def timeout(self, base_s: float, wait_s: float | None) -> httpx.Timeout:
+        read_s = base_s if wait_s is None else wait_s + ANSWER_MARGIN_S
+        remaining = self.remaining()
+        if remaining is None:
+            return httpx.Timeout(base_s, read=read_s)
+        cap = max(remaining, MIN_ATTEMPT_S)
+        return httpx.Timeout(min(base_s, cap), read=min(read_s, cap))
+
+
+# requests and answers, shared by both clients --------------------------------------------------
+
+
+@dataclass
+class _Call:
+    method: str
+    path: str
+    body: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    # A long-poll: the query parameter that holds the wait, and the wait asked for.
+    wait_param: str | None = None
+    wait_s: float | None = None
+    deadline_s: float | None = None
+
+
+def _path(*parts: str) -> str:
+    return "/" + "/".join(quote(p, safe="") for p in parts)
+
+
+def _key_header(idempotency_key: str | None) -> dict[str, str]:
+    # One key per logical call: every retry of it names the same task.
+    return {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+
+
+def _body(input: Any, **optional: Any) -> dict[str, Any]:
+    return {"input": input, **{k: v for k, v in optional.items() if v is not None}}
+
+
+def _code(response: httpx.Response) -> str | None:
+    try:
+        code = response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
+
+
+def _retryable(response: httpx.Response) -> bool:
+    if response.status_code < 400:
+        return False
+    if response.status_code == 504 and _code(response) == Timeout.code:
+        # runq's own 504: the wait the caller asked for is over; asking again would extend it.
+        return False
+    return response.status_code in RETRY_STATUSES or "retry-after" in response.headers
+
+
+def _error(response: httpx.Response, attempts: _Attempts) -> RunqError:
+    """The typed error for a gateway's ``{"error": {"code", "message", ...}}`` answer."""
+    status = response.status_code
+    try:
+        body = response.json()["error"]
+        code, message = str(body["code"]), str(body["message"])
+        details = {k: v for k, v in body.items() if k not in ("code", "message")}
+    except (ValueError, KeyError, TypeError):
+        code, message, details = "", f"HTTP {status}: {response.text[:200]}", {}
+    details["attempts"] = attempts.count
+    cls = _BY_CODE.get(code) or _BY_STATUS.get(status, RunqError)
+    error: RunqError
+    if issubclass(cls, Unavailable):
+        hint = attempts.policy.retry_after(response.headers.get("retry-after"))
+        error = cls(message, retry_after_s=1 if hint is None else round(hint), **details)
+    else:
+        error = cls(message, **details)
+    if cls is RunqError:
+        error.status_code, error.code = status, code or f"http_{status}"
+    return error
+
+
+def _task(response: httpx.Response, attempts: _Attempts, *ok: int) -> Task:
+    if response.status_code not in ok:
+        raise _error(response, attempts)
+    try:
+        return Task.from_json(response.json())
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise RunqError(f"not a task: HTTP {response.status_code} {response.text[:200]}") from exc
+
+
+def _canceled(response: httpx.Response, attempts: _Attempts) -> Task:
+    if response.status_code == 200:
+        return _task(response, attempts, 200)
+    error = _error(response, attempts)
+    task = error.details.get("task", {})
+    canceled = isinstance(task, dict) and task.get("status") == "canceled"
+    if isinstance(error, Conflict) and canceled and attempts.maybe_done:
+        # An earlier attempt canceled it and its answer was lost on the way back.
+        return Task.from_json(task)
+    raise error
+
+
+def _deleted(response: httpx.Response, attempts: _Attempts) -> None:
+    if response.status_code == 204 or (response.status_code == 404 and attempts.maybe_done):
+        return
+    raise _error(response, attempts)
+
+
+def _output(response: httpx.Response, attempts: _Attempts) -> Any:
+    return _task(response, attempts, 200).output
+
+
+def _given_up(call: _Call, attempts: _Attempts, exc: httpx.TransportError) -> ConnectionFailed:
+    return ConnectionFailed(
+        f"{call.method} {call.path}: no answer after {attempts.count} attempt(s) in "
+        f"{attempts.elapsed():.1f} s; last: {type(exc).__name__}: {str(exc) or 'no detail'}",
+        attempts=attempts.count,
+    )
+
+
+class _Base:
+    """What both clients share: settings, the retry policy, and each call's request."""
+
+    def __init__(
+        self,
+        timeout: float,
+        retries: int,
+        backoff_s: float,
+        backoff_max_s: float,
+        deadline_s: float | None,
+    ) -> None:
+        self.timeout = timeout
+        self.deadline_s = deadline_s
+        self._retry = _Retry(retries, backoff_s, backoff_max_s)
+
+    @staticmethod
+    def _headers(api_key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def _request(
+        self, http: httpx.Client | httpx.AsyncClient, call: _Call, attempts: _Attempts
+    ) -> httpx.Request:
+        attempts.count += 1
+        wait_s = None if call.wait_s is None else attempts.wait_s(call.wait_s)
+        params = {call.wait_param: wait_s} if call.wait_param and wait_s is not None else None
+        return http.build_request(
+            call.method,
+            call.path,
+            json=call.body,
+            params=params,
+            headers=call.headers,
+            timeout=attempts.timeout(self.timeout, wait_s),
+        )
+
+    def _start(self, call: _Call) -> _Attempts:
+        return self._retry.start(
+            call.deadline_s if call.deadline_s is not None else self.deadline_s
+        )
+
+    def _after(
+        self, call: _Call, attempts: _Attempts, outcome: httpx.Response | httpx.TransportError
+    ) -> float | None:
+        """Seconds to wait before trying again; None when ``outcome`` is the call's answer."""
+        if isinstance(outcome, httpx.Response):
+            return (
+                attempts.next_delay(outcome.headers.get("retry-after"))
+                if _retryable(outcome)
+                else None
+            )
+        if not isinstance(outcome, NOT_SENT):
+            attempts.maybe_done = True
+        delay = attempts.next_delay() if isinstance(outcome, TRANSIENT) else None
+        if delay is None:
+            raise _given_up(call, attempts, outcome) from outcome
+        return delay
+
+    def _predict(
+        self,
+        function: str,
+        input: Any,
+        timeout: float | None,
+        priority: Priority | None,
+        idempotency_key: str | None,
+    ) -> _Call:
+        wait_s = self.timeout if timeout is None else timeout
+        return _Call(
+            "POST",
+            _path("v1", "functions", function, "predict"),
+            _body(input, priority=priority),
+            _key_header(idempotency_key),
+            wait_param="timeout",
+            wait_s=wait_s,
+            deadline_s=self.deadline_s if self.deadline_s is not None else wait_s + ANSWER_MARGIN_S,
+        )
+
+    def _submit(
+        self,
+        function: str,
+        input: Any,
+        priority: Priority | None,
+        timeout_s: float | None,
+        ttl_s: float | None,
+        webhook: str | None,
+        idempotency_key: str | None,
+    ) -> _Call:
+        body = _body(input, priority=priority, timeout_s=timeout_s, ttl_s=ttl_s, webhook=webhook)
+        return _Call(
+            "POST",
+            _path("v1", "functions", function, "tasks"),
+            body,
+            _key_header(idempotency_key),
+        )
+
+    @staticmethod
+    def _status(task_id: str) -> _Call:
+        return _Call("GET", _path("v1", "tasks", task_id))
+
+    @staticmethod
+    def _result(task_id: str, wait: float) -> _Call:
+        return _Call(
+            "GET",
+            _path("v1", "tasks", task_id, "result"),
+            wait_param="wait" if wait > 0 else None,
+            wait_s=wait if wait > 0 else None,
+        )
+
+    @staticmethod
+    def _cancel(task_id: str) -> _Call:
+        return _Call("POST", _path("v1", "tasks", task_id, "cancel"))
+
+    @staticmethod
+    def _delete(task_id: str) -> _Call:
+        return _Call("DELETE", _path("v1", "tasks", task_id))
+
+
+# the clients -----------------------------------------------------------------------------------
+
+
+class Client(_Base):
+    """A blocking client: ``with runq.Client(url) as client: client.predict("embed", "hi")``.
+
+    ``timeout`` is each request's HTTP timeout and predict's default wait; ``retries`` and the
+    backoff bound how often and how fast a call is tried again; ``deadline_s`` bounds a whole
+    call across its retries (predict: its wait plus a margin when unset).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 5,
+        backoff_s: float = 0.2,
+        backoff_max_s: float = 10.0,
+        deadline_s: float | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(timeout, retries, backoff_s, backoff_max_s, deadline_s)
+        self._http = httpx.Client(
+            base_url=base_url, headers=self._headers(api_key), transport=transport
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, call: _Call) -> tuple[httpx.Response, _Attempts]:
+        attempts = self._start(call)
+        while True:
+            request = self._request(self._http, call, attempts)
+            outcome: httpx.Response | httpx.TransportError
+            try:
+                outcome = self._http.send(request)
+            except httpx.TransportError as exc:
+                outcome = exc
+            delay = self._after(call, attempts, outcome)
+            if delay is None:
+                assert isinstance(outcome, httpx.Response)
+                return outcome, attempts
+            time.sleep(delay)
+
+    def predict(
+        self,
+        function: str,
+        input: Any,
+        *,
+        timeout: float | None = None,
+        priority: Priority | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """Runs ``function`` on ``input`` and returns its output; raises the typed error else."""
+        return _output(
+            *self._send(self._predict(function, input, timeout, priority, idempotency_key))
+        )
+
+    def submit(
+        self,
+        function: str,
+        input: Any,
+        *,
+        priority: Priority | None = None,
+        timeout_s: float | None = None,
+        ttl_s: float | None = None,
+        webhook: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Task:
+        call = self._submit(function, input, priority, timeout_s, ttl_s, webhook, idempotency_key)
+        return _task(*self._send(call), 202)
+
+    def status(self, task_id: str) -> Task:
+        return _task(*self._send(self._status(task_id)), 200)
+
+    def result(self, task_id: str, wait: float = 0) -> Task:
+        """The task with its output or error once ended; the pending task after ``wait`` s."""
+        return _task(*self._send(self._result(task_id, wait)), 200, 202)
+
+    def cancel(self, task_id: str) -> Task:
+        return _canceled(*self._send(self._cancel(task_id)))
+
+    def delete(self, task_id: str) -> None:
+        _deleted(*self._send(self._delete(task_id)))
+
+
+class AsyncClient(_Base):
+    """``Client`` for asyncio: the same calls, awaited."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 5,
+        backoff_s: float = 0.2,
+        backoff_max_s: float = 10.0,
+        deadline_s: float | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(timeout, retries, backoff_s, backoff_max_s, deadline_s)
+        self._http = httpx.AsyncClient(
+            base_url=base_url, headers=self._headers(api_key), transport=transport
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: _Call) -> tuple[httpx.Response, _Attempts]:
+        attempts = self._start(call)
+        while True:
+            request = self._request(self._http, call, attempts)
+            outcome: httpx.Response | httpx.TransportError
+            try:
+                outcome = await self._http.send(request)
+            except httpx.TransportError as exc:
+                outcome = exc
+            delay = self._after(call, attempts, outcome)
+            if delay is None:
+                assert isinstance(outcome, httpx.Response)
+                return outcome, attempts
+            await asyncio.sleep(delay)
+
+    async def predict(
+        self,
+        function: str,
+        input: Any,
+        *,
+        # The gateway's wait for the output, as in Client.predict; not a local cancel scope.
+        timeout: float | None = None,  # noqa: ASYNC109
+        priority: Priority | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        call = self._predict(function, input, timeout, priority, idempotency_key)
+        return _output(*await self._send(call))
+
+    async def submit(
+        self,
+        function: str,
+        input: Any,
+        *,
+        priority: Priority | None = None,
+        timeout_s: float | None = None,
+        ttl_s: float | None = None,
+        webhook: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Task:
+        call = self._submit(function, input, priority, timeout_s, ttl_s, webhook, idempotency_key)
+        return _task(*await self._send(call), 202)
+
+    async def status(self, task_id: str) -> Task:
+        return _task(*await self._send(self._status(task_id)), 200)
+
+    async def result(self, task_id: str, wait: float = 0) -> Task:
+        return _task(*await self._send(self._result(task_id, wait)), 200, 202)
+
+    async def cancel(self, task_id: str) -> Task:
+        return _canceled(*await self._send(self._cancel(task_id)))
+
+    async def delete(self, task_id: str) -> None:
+        _deleted(*await self._send(self._delete(task_id)))
