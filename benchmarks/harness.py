@@ -160,5 +160,10 @@ def after_readyz(port: int, check: Callable[[], None]) -> Callable[[], None]:
     return both
 
 
+def cell(value: float | None, width: int, decimals: int = 2, scale: float = 1.0) -> str:
+    """A right-aligned table figure (times ``scale``), or a dash when there is none."""
+    return f"{value * scale:>{width}.{decimals}f}" if value is not None else f"{'-':>{width}}"
+
+
 def verdict(ok: bool, target: str) -> str:
     return f"{'MET ' if ok else 'MISSED'} ({target})"

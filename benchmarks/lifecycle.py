@@ -41,6 +41,7 @@ from harness import (
     BenchError,
     Server,
     after_readyz,
+    cell,
     free_port,
     get_json,
     post_json,
@@ -51,6 +52,8 @@ from harness import (
 )
 
 HERE = Path(__file__).resolve().parent
+# The served target, as `runq serve` is given it (relative to the repository, its cwd).
+FN_FILE = str((HERE / "lifecycle_fn.py").relative_to(HERE.parent))
 COLD_FN = "cold_start"
 RETRY_FN = "crash_retry"
 NO_RETRY_FN = "crash_no_retry"
@@ -87,40 +90,26 @@ EXPECTED_PROBLEMS = ("of a lost worker", "exited with -9")
 # processes and the server log --------------------------------------------------------------
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid``, read from /proc."""
-    children: dict[int, list[int]] = {}
+def worker_pids(function: str) -> list[int]:
+    """The live `python -m runq worker benchmarks/lifecycle_fn.py --function FUNCTION` processes.
+
+    Matched by their command line: the target file is this benchmark's own, so no other runq
+    on the machine is counted.
+    """
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def worker_pids(root: int, function: str) -> list[int]:
-    """The live `python -m runq worker TARGET --function FUNCTION` processes below ``root``."""
-    found = []
-    for pid in descendants(root):
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
+        if state == "Z" or b"worker" not in argv or FN_FILE.encode() not in argv:
             continue
-        if state == "Z" or b"worker" not in argv or b"--function" not in argv:
-            continue
-        named = argv[argv.index(b"--function") + 1 :]
+        named = argv[argv.index(b"--function") + 1 :] if b"--function" in argv else []
         if named and named[0].decode() == function:
-            found.append(pid)
+            found.append(int(entry.name))
     return sorted(found)
 
 
@@ -220,12 +209,12 @@ def cold_trial(
     return result
 
 
-def wait_for_zero(port: int, function: str, root: int) -> float:
+def wait_for_zero(port: int, function: str) -> float:
     """Waits until the function has no replica and no worker process; returns the wait."""
     started = time.monotonic()
     while time.monotonic() - started < SCALE_TO_ZERO_TIMEOUT_S:
         info = get_json(f"http://127.0.0.1:{port}/v1/functions/{function}")
-        if info["replicas"]["current"] == 0 and not worker_pids(root, function):
+        if info["replicas"]["current"] == 0 and not worker_pids(function):
             return time.monotonic() - started
         time.sleep(0.1)
     raise BenchError(f"{function} kept workers {SCALE_TO_ZERO_TIMEOUT_S} s after its last task")
@@ -243,7 +232,7 @@ def cold_trials(server: Server, port: int) -> list[ColdTrial]:
     assert server.process is not None
     trials = []
     for trial in range(1, TRIALS + 1):
-        waited = wait_for_zero(port, COLD_FN, server.process.pid)
+        waited = wait_for_zero(port, COLD_FN)
         print(f"  lifecycle: cold start {trial}/{TRIALS} (zero workers after {waited:.1f} s)")
         result = cold_trial(
             server, port, COLD_FN, trial, trial, COLD_PREDICT_TIMEOUT_S, _is_echo(trial)
@@ -336,7 +325,7 @@ def crash_trial(server: Server, port: int, function: str, retries: int, trial: i
         time.sleep(POLL_S)
         task = _task(port, task_id)
     time.sleep(KILL_AFTER_S)
-    pids = worker_pids(server.process.pid, function)
+    pids = worker_pids(function)
     if len(pids) != 1:
         result.error = f"expected one {function} worker process, found {pids}"
         return result
@@ -392,8 +381,7 @@ def crash_trials(server: Server, port: int) -> list[CrashTrial]:
 
 def bench_lifecycle(tmp: Path) -> dict[str, Any]:
     port = free_port()
-    fn_file = str((HERE / "lifecycle_fn.py").relative_to(HERE.parent))
-    server = Server(f"runq serve {fn_file}", runq_serve_argv(fn_file, port), tmp / "lifecycle.log")
+    server = Server(f"runq serve {FN_FILE}", runq_serve_argv(FN_FILE, port), tmp / "lifecycle.log")
     print(f"  lifecycle: starting {server.name}", flush=True)
     with serving(server, after_readyz(port, _zero_replicas(port, COLD_FN))):
         cold = cold_trials(server, port)
@@ -489,9 +477,10 @@ def _cold_table(trials: list[ColdTrial]) -> str:
     for t in trials:
         target = verdict(t.met, f"<= setup + {MAX_COLD_OVERHEAD_S:g} s")
         rows.append(
-            f"{t.function:<10}  {t.trial:>5}  {_s(t.latency_s)}  {_s(t.setup_s)}"
-            f"  {_s(t.overhead_s)}  {_s(t.to_spawn_s)}  {_s(t.boot_s)}  {_s(t.after_setup_s)}"
-            f"  {_ms(t.warm_latency_s)}  {target}"
+            f"{t.function:<10}  {t.trial:>5}  {cell(t.latency_s, 6)}  {cell(t.setup_s, 6)}"
+            f"  {cell(t.overhead_s, 6)}  {cell(t.to_spawn_s, 6)}  {cell(t.boot_s, 6)}"
+            f"  {cell(t.after_setup_s, 6)}"
+            f"  {cell(t.warm_latency_s, 6, 1, 1000)}  {target}"
         )
         if t.error:
             rows.append(f"{'':<10}  error: {t.error}")
@@ -512,18 +501,11 @@ def _crash_table(trials: list[CrashTrial]) -> str:
         final += f" (att {t.attempts})" if t.attempts is not None else ""
         target = verdict(t.met, f"<= {MAX_DETECT_S:g} s")
         rows.append(
-            f"{t.function:<14}  {t.retries:>7}  {t.trial:>5}  {_s(t.detected_s, 7)}"
-            f"  {_s(t.reaped_s)}  {_s(t.ended_s)}  {t.detected_as or '-':<22}  {final:<26}"
+            f"{t.function:<14}  {t.retries:>7}  {t.trial:>5}  {cell(t.detected_s, 7)}"
+            f"  {cell(t.reaped_s, 6)}  {cell(t.ended_s, 6)}  {t.detected_as or '-':<22}"
+            f"  {final:<26}"
             f"  {target}"
         )
         if t.error:
             rows.append(f"{'':<14}  error: {t.error}")
     return "\n".join(rows)
-
-
-def _ms(seconds: float | None) -> str:
-    return f"{seconds * 1000:>6.1f}" if seconds is not None else f"{'-':>6}"
-
-
-def _s(value: float | None, width: int = 6) -> str:
-    return f"{value:>{width}.2f}" if value is not None else f"{'-':>{width}}"

@@ -42,6 +42,7 @@ from harness import (
     BenchError,
     Server,
     after_readyz,
+    cell,
     free_port,
     post_json,
     report_problems,
@@ -483,17 +484,13 @@ def _phase_table(phases: list[Phase]) -> str:
         lag = f"{p.lag_p99_ms:.1f}/{p.lag_max_ms:.1f}"
         rows.append(
             f"{p.name:<5}  {p.offered_rps:>9,.1f}  {p.achieved_rps:>7,.1f}  {lag:>11}"
-            f"  {p.requests:>8,}  {p.admitted_rps:>6,.1f}  {_ms(p.admitted_p50_ms)}"
-            f"  {_ms(p.admitted_p99_ms)}  {_ms(p.shed_p50_ms)}  {_ms(p.shed_p99_ms)}"
+            f"  {p.requests:>8,}  {p.admitted_rps:>6,.1f}  {cell(p.admitted_p50_ms, 7)}"
+            f"  {cell(p.admitted_p99_ms, 7)}  {cell(p.shed_p50_ms, 7)}  {cell(p.shed_p99_ms, 7)}"
             f"  {p.shed_share:>6.1%}  {p.other_errors:>6}"
         )
         if p.other_error_kinds:
             rows.append(f"       errors: {p.other_error_kinds}")
     return "\n".join(rows)
-
-
-def _ms(value: float | None) -> str:
-    return f"{value:>7.2f}" if value is not None else f"{'-':>7}"
 
 
 def _print_targets(found: dict[str, Any]) -> None:

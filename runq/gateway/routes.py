@@ -115,7 +115,10 @@ async def _checked_webhook(url: str | None, settings: Settings) -> str | None:
     )
 
 
-def _body_digest(body: BaseModel) -> str:
+def _body_digest(body: BaseModel, idempotency_key: str | None) -> str:
+    # Only a request with a key is ever compared, so only it pays for encoding and hashing.
+    if idempotency_key is None:
+        return ""
     # The validated body, canonically encoded, unset fields left out: the same request always
     # has the same digest, whether it came to predict or to submit.
     fields = body.model_dump(mode="json", exclude_none=True)
@@ -219,7 +222,7 @@ def _function_routes(app: FastAPI, name: str, entry: Served, settings: Settings)
             start_within_s=None if poll else wait_s,
             reply_to=waiter.reply_channel,
             idempotency_key=idempotency_key,
-            body_digest=_body_digest(body),
+            body_digest=_body_digest(body, idempotency_key),
         )
         with _inflight(request).hold():
             admitted, task = await _admit_and_wait(
@@ -242,12 +245,10 @@ def _function_routes(app: FastAPI, name: str, entry: Served, settings: Settings)
             payload(body),
             Admission(
                 priority=body.priority,  # type: ignore[attr-defined]
-                start_within_s=min(x for x in (timeout, ttl, float("inf")) if x is not None)
-                if timeout or ttl
-                else None,
+                start_within_s=min((x for x in (timeout, ttl) if x is not None), default=None),
                 finish_within_s=timeout,
                 idempotency_key=idempotency_key,
-                body_digest=_body_digest(body),
+                body_digest=_body_digest(body, idempotency_key),
                 webhook=webhook,
             ),
         )

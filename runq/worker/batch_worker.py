@@ -15,7 +15,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -69,6 +69,20 @@ STORAGE_ERROR_CODE = "storage_error"
 
 
 @dataclass
+class Chore:
+    """Something the worker does between batches, at most every ``interval_s``."""
+
+    interval_s: float
+    action: Callable[[], object]
+    last: float = 0.0
+
+    def run_if_due(self) -> None:
+        if time.monotonic() - self.last >= self.interval_s:
+            self.action()
+            self.last = time.monotonic()
+
+
+@dataclass
 class Running:
     """A task of the batch in hand."""
 
@@ -109,17 +123,20 @@ class BatchWorker(SimpleWorker):
         self.collector = BatchCollector(connection, function, settings, self.name)
         self.leases = LeaseKeeper(connection, function.name, self.name)
         self.reaper = Reaper(connection, function.name, settings.retries)
-        self._last_reap = 0.0
         self.leases_key = k.leases_key(function.name)
         self.slots_key = k.slots_key(function.name)
-        self._last_heartbeat = 0.0
         self.live = live
         self.objects = objects
         self.predictions = predictions
         self.webhook_sender = webhook_sender
         self.inline_max_bytes = inline_max_bytes
-        self._last_sweep = 0.0
-        self._last_live_poll = 0.0
+        # Between batches, each at most this often.
+        self._chores = [
+            Chore(HEARTBEAT_INTERVAL_S, self.heartbeat),
+            Chore(k.REAP_INTERVAL_S, self.reaper.reap),
+            Chore(k.DEPLOYED_POLL_INTERVAL_S, self._follow_deployed),
+            Chore(SWEEP_INTERVAL_S, self._sweep),
+        ]
         self.batches_run = 0
 
     # lifecycle ------------------------------------------------------------------------------
@@ -145,10 +162,8 @@ class BatchWorker(SimpleWorker):
                 claimed = self.collector.collect(block_s=k.WORKER_DEQUEUE_TIMEOUT_S)
                 if claimed is not None:
                     self.process(claimed)
-                self._maybe_heartbeat()
-                self._maybe_reap()
-                self._maybe_follow_deployed()
-                self._maybe_sweep()
+                for chore in self._chores:
+                    chore.run_if_due()
         finally:
             self.leases.stop()
             for helper in (self.predictions, self.webhook_sender):
@@ -168,16 +183,9 @@ class BatchWorker(SimpleWorker):
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    def _maybe_heartbeat(self) -> None:
-        if time.monotonic() - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
-            self.heartbeat()
-            self._last_heartbeat = time.monotonic()
-
-    def _maybe_follow_deployed(self) -> None:
-        since = time.monotonic() - self._last_live_poll
-        if self.live is None or since < k.DEPLOYED_POLL_INTERVAL_S:
+    def _follow_deployed(self) -> None:
+        if self.live is None:
             return
-        self._last_live_poll = time.monotonic()
         changed = self.live.poll(self.connection)
         if changed is not None and changed[self.function.name] != self.settings:
             self.apply(changed[self.function.name])
@@ -189,21 +197,13 @@ class BatchWorker(SimpleWorker):
         self.reaper.retries = settings.retries
         logger.info("worker %s: settings now %s", self.name, settings.model_dump())
 
-    def _maybe_sweep(self) -> None:
+    def _sweep(self) -> None:
         # Stored objects outlive their task record by a day at most (file stores; S3 buckets
         # expire them by lifecycle rule): a task may wait in a queue long before it runs.
-        if time.monotonic() - self._last_sweep < SWEEP_INTERVAL_S:
-            return
-        self._last_sweep = time.monotonic()
         try:
             self.objects.sweep(self.function.name, self.settings.result_ttl_s + SWEEP_MARGIN_S)
         except OSError as exc:
             logger.warning("worker %s: cannot sweep old objects: %s", self.name, exc)
-
-    def _maybe_reap(self) -> None:
-        if time.monotonic() - self._last_reap >= k.REAP_INTERVAL_S:
-            self.reaper.reap()
-            self._last_reap = time.monotonic()
 
     # one batch ------------------------------------------------------------------------------
 
