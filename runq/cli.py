@@ -1,5 +1,5 @@
-"""`runq serve | gateway | worker | autoscale | status`: the entry points, and the only place that
-exits."""
+"""`runq serve | gateway | worker | autoscale | status | config | deploy`: the entry points, and
+the only place that exits."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Any
 from runq import logs
 from runq.errors import ConfigError, RunqError
 from runq.functions import Function, load_target
-from runq.live import Deployed, LiveSettings, deploy, deployed_settings, read_deploy_file
+from runq.queue.deployed import Deployed, LiveSettings, deploy, deployed_settings, read_deploy_file
 from runq.settings import (
     ENV_METRICS_PORT,
     ENV_MULTIPROC_DIR,
@@ -215,7 +215,7 @@ def _gateway(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from redis import Redis
 
-    from runq.storage import open_store
+    from runq.queue.storage import ClaimCheck, open_store
     from runq.worker.batch_worker import BatchWorker
 
     settings, functions = _configured(args)
@@ -240,8 +240,10 @@ def _worker(args: argparse.Namespace) -> int:
         fn,
         settings.function_settings(fn.name, fn.declared),
         connection,
-        open_store(settings.storage_url, settings.storage_endpoint_url),
-        inline_max_bytes=settings.inline_max_bytes,
+        ClaimCheck(
+            open_store(settings.storage_url, settings.storage_endpoint_url),
+            settings.inline_max_bytes,
+        ),
         live=LiveSettings(settings, {fn.name: fn.declared}),
         predictions=_prediction_log(settings),
         webhook_sender=_webhook_sender(settings, connection),
@@ -250,7 +252,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _webhook_sender(settings: Settings, connection: Any) -> Any:
-    from runq.webhooks import WebhookSender
+    from runq.webhook_sender import WebhookSender
 
     if settings.webhook_secret is None:
         return None
@@ -260,7 +262,7 @@ def _webhook_sender(settings: Settings, connection: Any) -> Any:
 
 def _prediction_log(settings: Settings) -> Any:
     from runq.predlog import PredictionLog
-    from runq.storage import open_store
+    from runq.queue.storage import open_store
 
     if settings.prediction_log_url is None:
         return None
@@ -335,7 +337,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         with _metrics_dir():
             # Imported once the metrics directory is set: prometheus-client reads it on import.
-            from runq.autoscaler.supervisor import Supervisor
+            from runq.supervisor import Supervisor
 
             child_env = {**os.environ, **settings_to_env(settings), ENV_TARGET: args.target}
             autoscaler = _autoscaler(settings, args.target, functions)

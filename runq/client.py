@@ -23,21 +23,12 @@ from urllib.parse import quote
 import httpx
 
 from runq.errors import (
-    BadRequest,
     Conflict,
     ConnectionFailed,
-    Gone,
-    IdempotencyConflict,
-    ModelError,
-    NotFound,
-    Overloaded,
-    PayloadTooLarge,
-    QueueFull,
     RunqError,
     Timeout,
     Unavailable,
-    UnsupportedMediaType,
-    ValidationFailed,
+    error_classes,
 )
 
 Priority = Literal["high", "normal", "low"]
@@ -55,37 +46,12 @@ TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolErr
 # ... and those where the request surely never reached the gateway.
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
-_BY_CODE: dict[str, type[RunqError]] = {
-    cls.code: cls
-    for cls in (
-        RunqError,
-        BadRequest,
-        NotFound,
-        Conflict,
-        Gone,
-        PayloadTooLarge,
-        UnsupportedMediaType,
-        ValidationFailed,
-        IdempotencyConflict,
-        ModelError,
-        Unavailable,
-        QueueFull,
-        Overloaded,
-        Timeout,
-    )
-}
-# For answers without runq's error body (a proxy in between).
+_BY_CODE: dict[str, type[RunqError]] = {cls.code: cls for cls in error_classes()}
+# For answers without runq's error body (a proxy in between): the most general class of each
+# status, and a proxy's failed hop read as the gateway being unavailable.
 _BY_STATUS: dict[int, type[RunqError]] = {
-    400: BadRequest,
-    404: NotFound,
-    409: Conflict,
-    410: Gone,
-    413: PayloadTooLarge,
-    415: UnsupportedMediaType,
-    422: ValidationFailed,
+    **{cls.status_code: cls for cls in reversed(list(error_classes()))},
     502: Unavailable,
-    503: Unavailable,
-    504: Timeout,
 }
 
 

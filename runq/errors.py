@@ -2,7 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from enum import StrEnum
 from typing import Any
+
+
+class ErrorCode(StrEnum):
+    """Every error code runq answers with, in an error body or in an ended task's ``error``."""
+
+    INTERNAL = "internal"
+    CONFIG_ERROR = "config_error"
+    TARGET_ERROR = "target_error"
+    BAD_REQUEST = "bad_request"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    CONFLICT = "conflict"
+    GONE = "gone"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    VALIDATION_ERROR = "validation_error"
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    MODEL_ERROR = "model_error"
+    UNAVAILABLE = "unavailable"
+    QUEUE_FULL = "queue_full"
+    OVERLOADED = "overloaded"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    CONNECTION_FAILED = "connection_failed"
+    TIMEOUT = "timeout"
+    # Only in an ended task's error: why it ended without an output.
+    TIMED_OUT = "timed_out"
+    CANCELED = "canceled"
+    WORKER_LOST = "worker_lost"
 
 
 class RunqError(Exception):
@@ -13,7 +43,7 @@ class RunqError(Exception):
     """
 
     status_code = 500
-    code = "internal"
+    code: str = ErrorCode.INTERNAL
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -31,66 +61,66 @@ class RunqError(Exception):
 class ConfigError(RunqError):
     """Settings or a function declaration that cannot work; raised at start-up."""
 
-    code = "config_error"
+    code = ErrorCode.CONFIG_ERROR
 
 
 class TargetError(ConfigError):
     """The serve/worker target cannot be imported or declares no functions."""
 
-    code = "target_error"
+    code = ErrorCode.TARGET_ERROR
 
 
 class BadRequest(RunqError):
     status_code = 400
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
 
 
 class NotFound(RunqError):
     status_code = 404
-    code = "not_found"
+    code = ErrorCode.NOT_FOUND
 
 
 class Conflict(RunqError):
     status_code = 409
-    code = "conflict"
+    code = ErrorCode.CONFLICT
 
 
 class Gone(RunqError):
     status_code = 410
-    code = "gone"
+    code = ErrorCode.GONE
 
 
 class PayloadTooLarge(RunqError):
     status_code = 413
-    code = "payload_too_large"
+    code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
 class UnsupportedMediaType(RunqError):
     status_code = 415
-    code = "unsupported_media_type"
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
 
 
 class ValidationFailed(RunqError):
     status_code = 422
-    code = "validation_error"
+    code = ErrorCode.VALIDATION_ERROR
 
 
 class IdempotencyConflict(ValidationFailed):
     """An Idempotency-Key already names a task that was asked with another body."""
 
-    code = "idempotency_conflict"
+    code = ErrorCode.IDEMPOTENCY_CONFLICT
 
 
 class ModelError(RunqError):
     """The served function raised or broke its batching contract."""
 
     status_code = 500
-    code = "model_error"
+    code = ErrorCode.MODEL_ERROR
 
 
 class Unavailable(RunqError):
     status_code = 503
-    code = "unavailable"
+    code = ErrorCode.UNAVAILABLE
 
     def __init__(self, message: str, retry_after_s: int = 1, **details: Any) -> None:
         super().__init__(message, **details)
@@ -102,13 +132,13 @@ class Unavailable(RunqError):
 
 
 class QueueFull(Unavailable):
-    code = "queue_full"
+    code = ErrorCode.QUEUE_FULL
 
 
 class Overloaded(Unavailable):
     """The gateway process already holds max_inflight waiting requests."""
 
-    code = "overloaded"
+    code = ErrorCode.OVERLOADED
 
 
 class ConnectionFailed(Unavailable):
@@ -117,9 +147,24 @@ class ConnectionFailed(Unavailable):
     Raised by the client, never answered by the gateway; ``details["attempts"]`` counts the tries.
     """
 
-    code = "connection_failed"
+    code = ErrorCode.CONNECTION_FAILED
 
 
 class Timeout(RunqError):
     status_code = 504
-    code = "timeout"
+    code = ErrorCode.TIMEOUT
+
+
+class StorageError(Unavailable):
+    """The object store could not be reached or refused an operation."""
+
+    code = ErrorCode.STORAGE_UNAVAILABLE
+
+
+def error_classes() -> Iterator[type[RunqError]]:
+    """RunqError and every class below it, each base before the classes that extend it."""
+    todo: list[type[RunqError]] = [RunqError]
+    while todo:
+        cls = todo.pop(0)
+        yield cls
+        todo.extend(cls.__subclasses__())

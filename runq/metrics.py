@@ -41,6 +41,7 @@ class Metrics:
     batch_size: Histogram
     tasks: Counter
     cold_starts: Counter
+    predictions_dropped: Counter
 
 
 _metrics: Metrics | None = None
@@ -94,6 +95,11 @@ def _create(request_buckets: tuple[float, ...]) -> Metrics:
         tasks=Counter("runq_tasks_total", "Tasks ended, by final status", ["function", "status"]),
         cold_starts=Counter(
             "runq_cold_starts_total", "Times a function went from zero workers to one", ["function"]
+        ),
+        predictions_dropped=Counter(
+            "runq_predictions_dropped_total",
+            "Sampled predictions not logged: the writer fell behind, or the write failed",
+            ["function"],
         ),
     )
 

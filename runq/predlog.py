@@ -3,19 +3,23 @@
 A worker adds records as its batches end; a thread writes them, every FLUSH_INTERVAL_S, as one
 new object per flush (`<function>/<YYYY-MM-DD>/<HHMMSS>-<worker>-<n>.jsonl`) to a file:// or
 s3:// store. Adding never blocks and never fails a task: when the writer falls behind, records
-past MAX_BUFFERED are dropped and counted, and a failed write is logged and dropped.
+past MAX_BUFFERED are dropped, and a failed write is logged and dropped; both are counted
+(runq_predictions_dropped_total).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections import deque
 from typing import Any
 
-from runq.storage import ObjectStore, StorageError
+from runq.background import BackgroundLoop
+from runq.errors import StorageError
+from runq.metrics import metrics
+from runq.queue.storage import ObjectStore
+from runq.queue.tasks import Outcome, final_status
 
 logger = logging.getLogger("runq.predlog")
 
@@ -23,27 +27,47 @@ FLUSH_INTERVAL_S = 5.0
 MAX_BUFFERED = 10_000
 
 
+def prediction_record(
+    function: str, task_id: str, payload: Any, outcome: Outcome, latency_s: float
+) -> dict[str, Any]:
+    """One line of the log: the task's input and its output (or stored output's key, or error)."""
+    record: dict[str, Any] = {
+        "time": time.time(),
+        "function": function,
+        "task_id": task_id,
+        "status": final_status(outcome).value,
+        "latency_s": latency_s,
+        "input": payload,
+    }
+    if outcome.output_ref is not None:
+        record["output_ref"] = outcome.output_ref
+    elif outcome.ok:
+        record["output"] = outcome.output
+    else:
+        record["error"] = {"code": outcome.error_code, "message": outcome.error_message}
+    return record
+
+
 class PredictionLog:
     def __init__(self, store: ObjectStore, worker_name: str) -> None:
         self.store = store
         self.worker_name = worker_name
-        self.dropped = 0
         self._records: deque[dict[str, Any]] = deque()
         self._written = 0
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="runq-predlog", daemon=True)
+        self._loop = BackgroundLoop(
+            "runq-predlog", self._flush_step, first_wait_s=FLUSH_INTERVAL_S, final=self.flush
+        )
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         """Writes what is buffered, then stops."""
-        self._stopping.set()
-        self._thread.join(timeout=2 * FLUSH_INTERVAL_S)
+        self._loop.stop(timeout_s=2 * FLUSH_INTERVAL_S)
 
     def add(self, record: dict[str, Any]) -> None:
         if len(self._records) >= MAX_BUFFERED:
-            self.dropped += 1
+            metrics().predictions_dropped.labels(record["function"]).inc()
             return
         self._records.append(record)
 
@@ -57,10 +81,9 @@ class PredictionLog:
         for function, records in by_function.items():
             self._write(function, records)
 
-    def _loop(self) -> None:
-        while not self._stopping.wait(FLUSH_INTERVAL_S):
-            self.flush()
+    def _flush_step(self) -> float:
         self.flush()
+        return FLUSH_INTERVAL_S
 
     def _write(self, function: str, records: list[dict[str, Any]]) -> None:
         now = time.gmtime()
@@ -73,4 +96,5 @@ class PredictionLog:
         try:
             self.store.put(key, body.encode())
         except (StorageError, OSError) as exc:
+            metrics().predictions_dropped.labels(function).inc(len(records))
             logger.warning("dropped %d logged predictions of %s: %s", len(records), function, exc)

@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -137,18 +138,12 @@ class Settings(BaseModel):
     # `function_settings`, so a name or key that matches nothing stops the start.
     functions: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
-    @field_validator("storage_url", "prediction_log_url")
+    @field_validator("storage_url", "prediction_log_url", "redis_url")
     @classmethod
-    def _storage_scheme(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(STORAGE_URL_SCHEMES):
-            raise ValueError(f"must start with one of {', '.join(STORAGE_URL_SCHEMES)}")
-        return url
-
-    @field_validator("redis_url")
-    @classmethod
-    def _known_scheme(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(REDIS_URL_SCHEMES):
-            raise ValueError(f"must start with one of {', '.join(REDIS_URL_SCHEMES)}")
+    def _known_scheme(cls, url: str | None, info: ValidationInfo) -> str | None:
+        schemes = REDIS_URL_SCHEMES if info.field_name == "redis_url" else STORAGE_URL_SCHEMES
+        if url is not None and not url.startswith(schemes):
+            raise ValueError(f"must start with one of {', '.join(schemes)}")
         return url
 
     @field_validator("request_buckets")

@@ -12,9 +12,8 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from runq.errors import Unavailable
-from runq.queue import constants as k
-from runq.queue import scripts, stats
-from runq.queue.store import FunctionFigures
+from runq.queue import constants, stats
+from runq.queue.figures import Figures, FunctionFigures
 from runq.queue.tasks import text
 
 # Home the cursor and clear the screen: each refresh of --watch on a terminal replaces the last.
@@ -69,13 +68,13 @@ def connect(redis_url: str) -> Redis:
     )
 
 
-def collect(connection: Redis, window_s: int = k.STATS_WINDOW_S) -> list[FunctionStatus]:
+def collect(connection: Redis, window_s: int = constants.STATS_WINDOW_S) -> list[FunctionStatus]:
     """Every listed function's figures and stats, read against the Redis server's clock."""
-    functions = sorted(str(text(name)) for name in connection.smembers(k.FUNCTIONS_KEY))
-    figures = connection.register_script(scripts.FIGURES)
+    functions = sorted(str(text(name)) for name in connection.smembers(constants.FUNCTIONS_KEY))
+    figures = Figures(connection)
     with connection.pipeline(transaction=False) as pipe:
         for function in functions:
-            figures(keys=k.figures_keys(function), client=pipe)
+            figures.queue_read(pipe, function)
         pipe.time()
         *replies, (seconds, micros) = pipe.execute()
     now_s = seconds + micros / 1e6
@@ -89,7 +88,7 @@ def collect(connection: Redis, window_s: int = k.STATS_WINDOW_S) -> list[Functio
     ]
 
 
-def report(connection: Redis, *, as_json: bool, window_s: int = k.STATS_WINDOW_S) -> str:
+def report(connection: Redis, *, as_json: bool, window_s: int = constants.STATS_WINDOW_S) -> str:
     """The table (or one line of JSON) for every function; Unavailable when Redis is not."""
     try:
         rows = collect(connection, window_s)
@@ -102,7 +101,7 @@ def report(connection: Redis, *, as_json: bool, window_s: int = k.STATS_WINDOW_S
 
 def table(rows: list[FunctionStatus], window_s: int) -> str:
     if not rows:
-        return f"no functions listed in {k.FUNCTIONS_KEY} yet"
+        return f"no functions listed in {constants.FUNCTIONS_KEY} yet"
     cells = [COLUMNS, *(row.row() for row in rows)]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     lines = [

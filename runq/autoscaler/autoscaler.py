@@ -18,12 +18,11 @@ from redis.client import PubSub
 
 from runq.autoscaler.policy import Policy, decide
 from runq.autoscaler.pool import WorkerPool
-from runq.live import LiveSettings
 from runq.metrics import metrics
-from runq.queue import constants as k
-from runq.queue import scripts
+from runq.queue import constants
+from runq.queue.deployed import LiveSettings
+from runq.queue.figures import Figures, publish_replicas, withdraw_replicas
 from runq.queue.reaper import Reaper
-from runq.queue.store import FunctionFigures
 from runq.settings import FunctionSettings
 
 logger = logging.getLogger("runq.autoscaler")
@@ -53,7 +52,7 @@ class Autoscaler:
     ) -> None:
         self.connection = connection
         self.live = live
-        self._figures = connection.register_script(scripts.FIGURES)
+        self._figures = Figures(connection)
         self._pubsub: PubSub | None = None
         self.functions = [
             Managed(
@@ -71,7 +70,7 @@ class Autoscaler:
 
     def start(self) -> None:
         self._pubsub = self.connection.pubsub(ignore_subscribe_messages=True)
-        self._pubsub.subscribe(k.DEMAND_CHANNEL)
+        self._pubsub.subscribe(constants.DEMAND_CHANNEL)
 
     def step(self, wait_s: float = TICK_S) -> None:
         """Waits up to ``wait_s`` for an enqueue to a function with no worker, then scales."""
@@ -85,7 +84,7 @@ class Autoscaler:
             managed.pool.scale_to(0)
         for managed in self.functions:
             managed.pool.stop(grace_s)
-            self.connection.delete(k.replicas_key(managed.name))
+            withdraw_replicas(self.connection, managed.name)
         if self._pubsub is not None:
             self._pubsub.close()
 
@@ -107,7 +106,7 @@ class Autoscaler:
     def _follow(self, managed: Managed) -> None:
         managed.pool.poll()
         managed.reaper.reap()
-        figures = FunctionFigures.from_reply(self._figures(keys=k.figures_keys(managed.name)))
+        figures = self._figures.read(managed.name)
         decision = decide(
             managed.policy,
             current=managed.pool.current,
@@ -130,11 +129,7 @@ class Autoscaler:
         managed.pool.scale_to(decision.replicas)
         if before == 0 and managed.pool.current > 0:
             metrics().cold_starts.labels(managed.name).inc()
-        key = k.replicas_key(managed.name)
-        with self.connection.pipeline() as pipe:
-            pipe.hset(key, mapping={"current": managed.pool.current, "desired": decision.replicas})
-            pipe.expire(key, k.REPLICAS_TTL_S)
-            pipe.execute()
+        publish_replicas(self.connection, managed.name, managed.pool.current, decision.replicas)
 
 
 def policy_of(settings: FunctionSettings) -> Policy:

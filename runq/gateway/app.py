@@ -19,13 +19,13 @@ from runq.gateway import errors, routes
 from runq.gateway.limits import BodySizeLimit, InflightLimit
 from runq.gateway.observe import RequestMetrics
 from runq.gateway.routes import Served
-from runq.live import LiveSettings
 from runq.metrics import metrics
-from runq.queue import constants as k
+from runq.queue import constants
+from runq.queue.deployed import LiveSettings
+from runq.queue.storage import open_store
 from runq.queue.store import TaskStore
 from runq.queue.waiter import TaskWaiter
 from runq.settings import ENV_TARGET, Settings, load_settings
-from runq.storage import open_store
 
 logger = logging.getLogger("runq.gateway")
 
@@ -85,7 +85,7 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
     app.state.inflight = InflightLimit(settings.max_inflight)
     metrics(settings.request_bucket_bounds())
     errors.install(app)
-    routes.install(app, served, settings)
+    routes.install(app, served)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     # Outermost, so a refused oversized body is measured and logged like any answer.
     app.add_middleware(RequestMetrics, functions=list(served))
@@ -103,7 +103,7 @@ async def _follow_deployed(
             changed = None
         for name, function_settings in (changed or {}).items():
             served[name].settings = function_settings
-        await asyncio.sleep(k.DEPLOYED_POLL_INTERVAL_S)
+        await asyncio.sleep(constants.DEPLOYED_POLL_INTERVAL_S)
 
 
 def app_from_env() -> FastAPI:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,13 +12,14 @@ from starlette.exceptions import HTTPException
 
 from runq.errors import (
     BadRequest,
+    ErrorCode,
     Overloaded,
     QueueFull,
     RunqError,
     Unavailable,
     ValidationFailed,
 )
-from runq.gateway.observe import STATE_REJECTION, STATE_TASK_ID
+from runq.gateway.observe import notes
 
 logger = logging.getLogger("runq.gateway")
 
@@ -33,12 +33,12 @@ async def _runq_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, QueueFull | Overloaded):
         # Shedding load is the gateway working as configured: counted, and not logged beyond
         # the request's own line, which would cost most when the gateway is busiest.
-        setattr(request.state, STATE_REJECTION, exc.code)
+        notes(request).rejection = exc.code
     elif exc.status_code >= 500:
         logger.warning("%s: %s", exc.code, exc.message)
     task_id = exc.details.get("task_id")
     if task_id is not None:
-        setattr(request.state, STATE_TASK_ID, task_id)
+        notes(request).task_id = str(task_id)
     return error_response(exc)
 
 
@@ -56,11 +56,15 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(ValidationFailed(message, problems=problems))
 
 
+# Starlette's own answers (no route for a path or a method), in runq's vocabulary.
+_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
+
+
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+    fallback = ErrorCode.BAD_REQUEST if exc.status_code < 500 else ErrorCode.INTERNAL
     return JSONResponse(
-        {"error": {"code": code, "message": str(exc.detail)}},
+        {"error": {"code": _HTTP_CODES.get(exc.status_code, fallback), "message": str(exc.detail)}},
         status_code=exc.status_code,
         headers=exc.headers,
     )
@@ -76,7 +80,7 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     # The log keeps the traceback; the body never does.
     logger.error("unhandled error", exc_info=exc)
     return JSONResponse(
-        {"error": {"code": "internal", "message": "internal error; see the gateway log"}},
+        {"error": {"code": ErrorCode.INTERNAL, "message": "internal error; see the gateway log"}},
         status_code=500,
     )
 

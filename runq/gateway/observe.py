@@ -3,7 +3,7 @@
 Only the routes of served functions and of tasks are measured, labelled by function and
 endpoint; any other path (docs, health, a 404 for an unknown function) is passed through
 unmeasured, so no caller can mint label values. Routes add what only they know (the task id,
-the function of a task route, why a request was refused) to ``scope["state"]``.
+the function of a task route, why a request was refused) to the request's ``notes``.
 """
 
 from __future__ import annotations
@@ -11,16 +11,35 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Collection
+from dataclasses import dataclass
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runq.metrics import metrics
 
 logger = logging.getLogger("runq.access")
 
-STATE_TASK_ID = "runq_task_id"
-STATE_FUNCTION = "runq_function"
-STATE_REJECTION = "runq_rejection"
+# Where a request's notes live in its ASGI scope's state.
+_NOTES = "runq_notes"
+
+
+@dataclass
+class RequestNotes:
+    """What only the route knows of a request, for its log line and metrics."""
+
+    task_id: str | None = None
+    # A task route's function, known once the task has been read.
+    function: str | None = None
+    # Why it was refused before anything was enqueued (an error code).
+    rejection: str | None = None
+
+
+def notes(request: Request) -> RequestNotes:
+    """The request's notes (a throwaway for a request that is not measured)."""
+    state = request.scope.setdefault("state", {})
+    found: RequestNotes = state.setdefault(_NOTES, RequestNotes())
+    return found
 
 
 def classify(method: str, path: str, functions: Collection[str]) -> tuple[str, str] | None:
@@ -53,7 +72,8 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         function, endpoint = route
-        state = scope.setdefault("state", {})
+        noted = RequestNotes()
+        scope.setdefault("state", {})[_NOTES] = noted
         status = 500
         started = time.perf_counter()
 
@@ -69,23 +89,22 @@ class RequestMetrics:
             await self.app(scope, receive, observed_send)
         finally:
             in_progress.dec()
-            function = function or str(state.get(STATE_FUNCTION, ""))
-            _observe(scope, state, function, endpoint, status, time.perf_counter() - started)
+            function = function or noted.function or ""
+            _observe(scope, noted, function, endpoint, status, time.perf_counter() - started)
 
 
 def _observe(
     scope: Scope,
-    state: dict[str, object],
+    noted: RequestNotes,
     function: str,
     endpoint: str,
     status: int,
     elapsed_s: float,
 ) -> None:
-    reason = state.get(STATE_REJECTION)
-    if reason is not None:
-        metrics().rejections.labels(function, str(reason)).inc()
+    if noted.rejection is not None:
+        metrics().rejections.labels(function, noted.rejection).inc()
     metrics().request_duration.labels(function, endpoint, str(status)).observe(elapsed_s)
-    task_id = state.get(STATE_TASK_ID)
+    task_id = noted.task_id
     logger.info(
         "%s %s %d %.1f ms%s",
         scope["method"],

@@ -1,4 +1,8 @@
-"""HTTP API v1: functions, tasks, health. Per-function routes carry the function's schemas."""
+"""HTTP API v1: functions, tasks, health. Per-function routes carry the function's schemas.
+
+Reading order: ``install``; the per-function routes (their models, then the handlers they call);
+the generic routes (``router``); the helpers every route shares.
+"""
 
 # No `from __future__ import annotations`: FastAPI must see the per-function body models that
 # the route closures annotate with, not their names.
@@ -10,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -19,9 +23,9 @@ from redis.exceptions import RedisError
 from runq import webhooks
 from runq.errors import (
     Conflict,
+    ErrorCode,
     ModelError,
     NotFound,
-    RunqError,
     Timeout,
     Unavailable,
     UnsupportedMediaType,
@@ -29,14 +33,14 @@ from runq.errors import (
 )
 from runq.functions import Function
 from runq.gateway.limits import InflightLimit
-from runq.gateway.observe import STATE_FUNCTION, STATE_TASK_ID
+from runq.gateway.observe import notes
 from runq.metrics import exposition
-from runq.queue import constants as k
+from runq.queue import constants
+from runq.queue.storage import ObjectStore
 from runq.queue.store import Admission, Admitted, TaskStore, new_task_id
-from runq.queue.tasks import OUTPUT_REF, TERMINAL, TIMED_OUT_CODE, TaskStatus, error_json
+from runq.queue.tasks import OUTPUT_REF, TERMINAL, TaskStatus, error_json
 from runq.queue.waiter import TaskWaiter
 from runq.settings import FunctionSettings, Settings
-from runq.storage import ObjectStore
 
 RETRY_AFTER_PENDING_S = 1
 # Idempotency keys are caller-chosen; Stripe and the IETF draft both stay within 255 characters.
@@ -71,25 +75,59 @@ class TaskModel(BaseModel):
     error: dict[str, Any] | None = None
 
 
-def install(app: FastAPI, served: dict[str, Served], settings: Settings) -> None:
+def install(app: FastAPI, served: dict[str, Served]) -> None:
+    # The served functions' routes first: the generic ones answer for unknown functions.
     for name, entry in served.items():
-        _function_routes(app, name, entry, settings)
-    _generic_routes(app, served, settings)
+        _function_routes(app, name, entry)
+    app.include_router(router)
 
 
-def _store(request: Request) -> TaskStore:
-    store: TaskStore = request.app.state.store
-    return store
+# per-function routes ------------------------------------------------------------------------
 
 
-def _waiter(request: Request) -> TaskWaiter:
-    waiter: TaskWaiter = request.app.state.waiter
-    return waiter
+@dataclass(frozen=True)
+class FunctionModels:
+    """The request and response schemas of one function's routes (its OpenAPI entries)."""
+
+    predict: type[BaseModel]
+    submit: type[BaseModel]
+    task: type[BaseModel]
 
 
-def _inflight(request: Request) -> InflightLimit:
-    inflight: InflightLimit = request.app.state.inflight
-    return inflight
+def function_models(name: str, fn: Function) -> FunctionModels:
+    title = "".join(part.capitalize() for part in name.replace("-", "_").split("_"))
+    priority_field: tuple[Any, Any] = (
+        Priority,
+        Field(constants.DEFAULT_PRIORITY, description="higher priority tasks always run first"),
+    )
+    forbid = ConfigDict(extra="forbid")
+    predict = create_model(
+        f"{title}Predict", __config__=forbid, input=(fn.input_type, ...), priority=priority_field
+    )
+    submit = create_model(
+        f"{title}Submit",
+        __config__=forbid,
+        input=(fn.input_type, ...),
+        priority=priority_field,
+        timeout_s=(
+            float | None,
+            Field(None, gt=0, description="seconds from submission by which the task must end"),
+        ),
+        ttl_s=(
+            float | None,
+            Field(None, gt=0, description="seconds it may wait queued; then timed_out, never run"),
+        ),
+        webhook=(
+            str | None,
+            Field(
+                None,
+                max_length=WEBHOOK_URL_MAX_CHARS,
+                description="http(s) URL to POST the task to when it ends (signed)",
+            ),
+        ),
+    )
+    task = create_model(f"{title}Task", __base__=TaskModel, output=(fn.output_type | None, None))
+    return FunctionModels(predict, submit, task)
 
 
 async def _idempotency_key(
@@ -102,6 +140,136 @@ async def _idempotency_key(
     ),
 ) -> str | None:
     return key
+
+
+async def _json_body(request: Request) -> None:
+    # curl's -d sends a form content type; say so instead of a puzzling schema error.
+    content_type = request.headers.get("content-type", "application/json")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"the body must be JSON sent with content-type: application/json, not {media_type}"
+        )
+
+
+def _function_routes(app: FastAPI, name: str, entry: Served) -> None:
+    models = function_models(name, entry.function)
+
+    async def predict(
+        body: models.predict,  # type: ignore[name-defined]
+        request: Request,
+        timeout_s: float | None = Query(
+            None, alias="timeout", gt=0, description="seconds to wait for the output"
+        ),
+        on_timeout: Annotated[
+            OnTimeout,
+            Query(
+                description="at the timeout: 504 (error; a task not started yet is withdrawn), "
+                "or 202 with the task to poll, which goes on (poll)"
+            ),
+        ] = "error",
+        idempotency_key: str | None = Depends(_idempotency_key),
+    ) -> Response:
+        return await predict_task(request, entry, body, timeout_s, on_timeout, idempotency_key)
+
+    async def submit(
+        body: models.submit,  # type: ignore[name-defined]
+        request: Request,
+        idempotency_key: str | None = Depends(_idempotency_key),
+    ) -> Response:
+        return await submit_task(request, entry, body, idempotency_key)
+
+    async def describe(request: Request) -> dict[str, Any]:
+        return await _describe(_store(request), name, entry)
+
+    tag = f"function: {name}"
+    app.add_api_route(
+        f"/v1/functions/{name}/predict",
+        predict,
+        methods=["POST"],
+        tags=[tag],
+        summary=f"Run {name} and wait for its output",
+        dependencies=[Depends(_json_body)],
+        response_model=models.task,
+        responses={
+            202: {"description": "on_timeout=poll and not done yet: poll the task's result"},
+            503: {"description": "queue_full or overloaded; retry after Retry-After"},
+            504: {"description": "timed out; the body names the task id"},
+        },
+    )
+    app.add_api_route(
+        f"/v1/functions/{name}/tasks",
+        submit,
+        methods=["POST"],
+        tags=[tag],
+        status_code=202,
+        summary=f"Submit a background task to {name}",
+        dependencies=[Depends(_json_body)],
+        response_model=TaskModel,
+        responses={503: {"description": "queue_full; retry after Retry-After"}},
+    )
+    app.add_api_route(f"/v1/functions/{name}", describe, methods=["GET"], tags=[tag])
+
+
+async def predict_task(
+    request: Request,
+    entry: Served,
+    body: Any,
+    timeout_s: float | None,
+    on_timeout: OnTimeout,
+    idempotency_key: str | None,
+) -> Response:
+    settings = _settings(request)
+    wait_s = _checked_timeout(timeout_s, settings.default_timeout_s, settings, "timeout")
+    poll = on_timeout == "poll"
+    store, waiter = _store(request), _waiter(request)
+    admission = Admission(
+        priority=body.priority,
+        # A caller who will poll still wants the task run after the wait ends.
+        start_within_s=None if poll else wait_s,
+        reply_to=waiter.reply_channel,
+        idempotency_key=idempotency_key,
+        body_digest=_body_digest(body, idempotency_key),
+    )
+    with _inflight(request).hold():
+        admitted, task = await _admit_and_wait(
+            store, waiter, entry, _payload(entry, body), admission, wait_s
+        )
+    notes(request).task_id = admitted.task_id
+    return await _predict_answer(store, admitted, task, wait_s, poll=poll)
+
+
+async def submit_task(
+    request: Request, entry: Served, body: Any, idempotency_key: str | None
+) -> Response:
+    webhook = await _checked_webhook(body.webhook, _settings(request))
+    store = _store(request)
+    deadlines = [x for x in (body.timeout_s, body.ttl_s) if x is not None]
+    admitted = await store.enqueue(
+        entry.function.name,
+        entry.settings,
+        _payload(entry, body),
+        Admission(
+            priority=body.priority,
+            start_within_s=min(deadlines, default=None),
+            finish_within_s=body.timeout_s,
+            idempotency_key=idempotency_key,
+            body_digest=_body_digest(body, idempotency_key),
+            webhook=webhook,
+        ),
+    )
+    notes(request).task_id = admitted.task_id
+    task = admitted.task or await store.read(admitted.task_id, with_output=False)
+    if task is None:
+        raise NotFound(f"task {admitted.task_id} was deleted as it was replayed")
+    headers = {"Location": f"/v1/tasks/{task['id']}"}
+    if admitted.replayed:
+        headers[REPLAYED_HEADER] = "true"
+    return _task_response(task, 202, **headers)
+
+
+def _payload(entry: Served, body: Any) -> Any:
+    return entry.function.input_adapter.dump_python(body.input, mode="json")
 
 
 async def _checked_webhook(url: str | None, settings: Settings) -> str | None:
@@ -126,177 +294,10 @@ def _body_digest(body: BaseModel, idempotency_key: str | None) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-async def _json_body(request: Request) -> None:
-    # curl's -d sends a form content type; say so instead of a puzzling schema error.
-    content_type = request.headers.get("content-type", "application/json")
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    if media_type != "application/json" and not media_type.endswith("+json"):
-        raise UnsupportedMediaType(
-            f"the body must be JSON sent with content-type: application/json, not {media_type}"
-        )
-
-
-def _checked_timeout(
-    value: float | None, default: float | None, settings: Settings, name: str
-) -> float:
-    timeout = default if value is None else value
-    if timeout is None:
-        return 0.0
-    if timeout > settings.max_timeout_s:
-        raise ValidationFailed(
-            f"{name}={timeout} is above max_timeout_s ({settings.max_timeout_s}); "
-            f"ask for at most {settings.max_timeout_s} s"
-        )
-    return timeout
-
-
-def _task_response(task: dict[str, Any], status_code: int = 200, **headers: str) -> JSONResponse:
-    return JSONResponse(task, status_code=status_code, headers=headers or None)
-
-
-def _function_routes(app: FastAPI, name: str, entry: Served, settings: Settings) -> None:
-    fn = entry.function
-    title = "".join(part.capitalize() for part in name.replace("-", "_").split("_"))
-    priority_field: tuple[Any, Any] = (
-        Priority,
-        Field(k.DEFAULT_PRIORITY, description="higher priority tasks always run first"),
-    )
-    predict_model = create_model(
-        f"{title}Predict",
-        __config__=ConfigDict(extra="forbid"),
-        input=(fn.input_type, ...),
-        priority=priority_field,
-    )
-    submit_model = create_model(
-        f"{title}Submit",
-        __config__=ConfigDict(extra="forbid"),
-        input=(fn.input_type, ...),
-        priority=priority_field,
-        timeout_s=(
-            float | None,
-            Field(None, gt=0, description="seconds from submission by which the task must end"),
-        ),
-        ttl_s=(
-            float | None,
-            Field(None, gt=0, description="seconds it may wait queued; then timed_out, never run"),
-        ),
-        webhook=(
-            str | None,
-            Field(
-                None,
-                max_length=WEBHOOK_URL_MAX_CHARS,
-                description="http(s) URL to POST the task to when it ends (signed)",
-            ),
-        ),
-    )
-    response_model = create_model(
-        f"{title}Task", __base__=TaskModel, output=(fn.output_type | None, None)
-    )
-    adapter = fn.input_adapter
-    tag = f"function: {name}"
-
-    def payload(body: Any) -> Any:
-        return adapter.dump_python(body.input, mode="json")
-
-    async def predict(
-        body: predict_model,  # type: ignore[valid-type]
-        request: Request,
-        timeout_s: float | None = Query(
-            None, alias="timeout", gt=0, description="seconds to wait for the output"
-        ),
-        on_timeout: Annotated[
-            OnTimeout,
-            Query(
-                description="at the timeout: 504 (error; a task not started yet is withdrawn), "
-                "or 202 with the task to poll, which goes on (poll)"
-            ),
-        ] = "error",
-        idempotency_key: str | None = Depends(_idempotency_key),
-    ) -> Response:
-        wait_s = _checked_timeout(timeout_s, settings.default_timeout_s, settings, "timeout")
-        poll = on_timeout == "poll"
-        store, waiter = _store(request), _waiter(request)
-        admission = Admission(
-            priority=body.priority,  # type: ignore[attr-defined]
-            # A caller who will poll still wants the task run after the wait ends.
-            start_within_s=None if poll else wait_s,
-            reply_to=waiter.reply_channel,
-            idempotency_key=idempotency_key,
-            body_digest=_body_digest(body, idempotency_key),
-        )
-        with _inflight(request).hold():
-            admitted, task = await _admit_and_wait(
-                store, waiter, name, entry.settings, payload(body), admission, wait_s
-            )
-        setattr(request.state, STATE_TASK_ID, admitted.task_id)
-        return await _predict_answer(store, admitted, task, wait_s, poll=poll)
-
-    async def submit(
-        body: submit_model,  # type: ignore[valid-type]
-        request: Request,
-        idempotency_key: str | None = Depends(_idempotency_key),
-    ) -> Response:
-        timeout, ttl = body.timeout_s, body.ttl_s  # type: ignore[attr-defined]
-        webhook = await _checked_webhook(body.webhook, settings)  # type: ignore[attr-defined]
-        store = _store(request)
-        admitted = await store.enqueue(
-            name,
-            entry.settings,
-            payload(body),
-            Admission(
-                priority=body.priority,  # type: ignore[attr-defined]
-                start_within_s=min((x for x in (timeout, ttl) if x is not None), default=None),
-                finish_within_s=timeout,
-                idempotency_key=idempotency_key,
-                body_digest=_body_digest(body, idempotency_key),
-                webhook=webhook,
-            ),
-        )
-        setattr(request.state, STATE_TASK_ID, admitted.task_id)
-        task = admitted.task or await store.read(admitted.task_id, with_output=False)
-        if task is None:
-            raise NotFound(f"task {admitted.task_id} was deleted as it was replayed")
-        headers = {"Location": f"/v1/tasks/{task['id']}"}
-        if admitted.replayed:
-            headers[REPLAYED_HEADER] = "true"
-        return _task_response(task, 202, **headers)
-
-    async def describe(request: Request) -> dict[str, Any]:
-        return await _describe(_store(request), name, entry)
-
-    app.add_api_route(
-        f"/v1/functions/{name}/predict",
-        predict,
-        methods=["POST"],
-        tags=[tag],
-        summary=f"Run {name} and wait for its output",
-        dependencies=[Depends(_json_body)],
-        response_model=response_model,
-        responses={
-            202: {"description": "on_timeout=poll and not done yet: poll the task's result"},
-            503: {"description": "queue_full or overloaded; retry after Retry-After"},
-            504: {"description": "timed out; the body names the task id"},
-        },
-    )
-    app.add_api_route(
-        f"/v1/functions/{name}/tasks",
-        submit,
-        methods=["POST"],
-        tags=[tag],
-        status_code=202,
-        summary=f"Submit a background task to {name}",
-        dependencies=[Depends(_json_body)],
-        response_model=TaskModel,
-        responses={503: {"description": "queue_full; retry after Retry-After"}},
-    )
-    app.add_api_route(f"/v1/functions/{name}", describe, methods=["GET"], tags=[tag])
-
-
 async def _admit_and_wait(
     store: TaskStore,
     waiter: TaskWaiter,
-    function: str,
-    settings: FunctionSettings,
+    entry: Served,
     payload: Any,
     admission: Admission,
     wait_s: float,
@@ -305,7 +306,9 @@ async def _admit_and_wait(
     # Listen before enqueueing, so a task that ends at once is not missed.
     future = waiter.expect(task_id)
     try:
-        admitted = await store.enqueue(function, settings, payload, admission, task_id=task_id)
+        admitted = await store.enqueue(
+            entry.function.name, entry.settings, payload, admission, task_id=task_id
+        )
     except BaseException:
         waiter.forget(task_id, future)
         raise
@@ -331,17 +334,15 @@ async def _predict_answer(
     if status == TaskStatus.SUCCEEDED:
         return _replayed(_task_response(await store.with_output(task)), admitted)
     if status not in TERMINAL:
-        if poll:
-            return _replayed(
-                _task_response(
-                    task,
-                    202,
-                    Location=f"/v1/tasks/{task_id}/result",
-                    **{"Retry-After": str(RETRY_AFTER_PENDING_S)},
-                ),
-                admitted,
-            )
-        raise Timeout(await _give_up(store, task, admitted, wait_s), task_id=task_id)
+        if not poll:
+            raise Timeout(await _give_up(store, task, admitted, wait_s), task_id=task_id)
+        pending = _task_response(
+            task,
+            202,
+            Location=f"/v1/tasks/{task_id}/result",
+            **{"Retry-After": str(RETRY_AFTER_PENDING_S)},
+        )
+        return _replayed(pending, admitted)
     error = task.get("error") or {}
     if status == TaskStatus.FAILED:
         raise ModelError(error.get("message", "the function failed"), task_id=task_id)
@@ -361,33 +362,16 @@ async def _give_up(
         return message
     before = await store.cancel(
         task_id,
-        k.queue_name(task["function"], task["priority"]),
+        constants.queue_name(task["function"], task["priority"]),
         which="queued",
         # The same end as a deadline that passes in the queue: nobody waits for an answer now.
-        error=error_json(TIMED_OUT_CODE, f"predict timed out after {wait_s} s before it started"),
+        error=error_json(
+            ErrorCode.TIMED_OUT, f"predict timed out after {wait_s} s before it started"
+        ),
     )
     if before == "queued":
         return message + "; it never started and was withdrawn"
     return message + "; it is still running"
-
-
-async def _stored_output(
-    objects: ObjectStore, task: dict[str, Any], output_ref: str, redirect_ttl_s: int | None
-) -> Response:
-    """A stored output: a redirect to it when asked and possible, else the task JSON streamed
-    with the object's bytes as its output, never held whole in memory."""
-    if redirect_ttl_s is not None:
-        url = await asyncio.to_thread(objects.presign, output_ref, redirect_ttl_s)
-        if url is not None:
-            return RedirectResponse(url, status_code=307)
-    head = json.dumps(task)[:-1].encode() + b',"output":'
-
-    def body() -> Iterator[bytes]:
-        yield head
-        yield from objects.chunks(output_ref)
-        yield b"}"
-
-    return StreamingResponse(body(), media_type="application/json")
 
 
 def _replayed(response: Response, admitted: Admitted) -> Response:
@@ -414,113 +398,194 @@ async def _describe(store: TaskStore, name: str, entry: Served) -> dict[str, Any
     }
 
 
-def _generic_routes(app: FastAPI, served: dict[str, Served], settings: Settings) -> None:
-    known = ", ".join(sorted(served))
+# generic routes -----------------------------------------------------------------------------
 
-    def unknown(fn: str) -> RunqError:
-        return NotFound(f"unknown function {fn!r}; served: {known}")
+router = APIRouter()
 
-    async def task_or_404(store: TaskStore, task_id: str, with_output: bool) -> dict[str, Any]:
-        task = await store.read(task_id, with_output=with_output)
+
+@router.get("/v1/functions", tags=["functions"])
+async def list_functions(request: Request) -> dict[str, Any]:
+    store = _store(request)
+    served = sorted(_served(request).items())
+    return {"functions": [await _describe(store, name, entry) for name, entry in served]}
+
+
+@router.get("/v1/functions/{fn}", tags=["functions"], include_in_schema=False)
+async def unknown_function(fn: str, request: Request) -> None:
+    raise _unknown(request, fn)
+
+
+@router.post("/v1/functions/{fn}/predict", include_in_schema=False)
+@router.post("/v1/functions/{fn}/tasks", include_in_schema=False)
+async def unknown_function_call(fn: str, request: Request) -> None:
+    raise _unknown(request, fn)
+
+
+@router.get("/v1/tasks/{task_id}", tags=["tasks"], response_model=TaskModel)
+async def task_status(task_id: str, request: Request) -> Response:
+    return _task_response(await _task_or_404(_store(request), task_id, with_output=False))
+
+
+@router.get(
+    "/v1/tasks/{task_id}/result",
+    tags=["tasks"],
+    response_model=TaskModel,
+    responses={202: {"description": "still pending; try again after Retry-After"}},
+)
+async def task_result(
+    task_id: str,
+    request: Request,
+    wait: float = Query(0, ge=0, description="seconds to wait for the task to end"),
+    redirect: bool = Query(
+        False,
+        description="an output kept in S3 is answered with a 307 to a short-lived URL",
+    ),
+) -> Response:
+    settings = _settings(request)
+    wait_s = _checked_timeout(wait, None, settings, "wait")
+    if wait_s > 0:
+        with _inflight(request).hold():
+            task = await _waiter(request).wait_any(task_id, wait_s)
         if task is None:
             raise NotFound(f"no task {task_id}")
-        return task
-
-    @app.get("/v1/functions", tags=["functions"])
-    async def list_functions(request: Request) -> dict[str, Any]:
-        store = _store(request)
-        return {"functions": [await _describe(store, n, e) for n, e in sorted(served.items())]}
-
-    @app.get("/v1/functions/{fn}", tags=["functions"], include_in_schema=False)
-    async def unknown_function(fn: str) -> None:
-        raise unknown(fn)
-
-    @app.post("/v1/functions/{fn}/predict", include_in_schema=False)
-    @app.post("/v1/functions/{fn}/tasks", include_in_schema=False)
-    async def unknown_function_call(fn: str) -> None:
-        raise unknown(fn)
-
-    @app.get("/v1/tasks/{task_id}", tags=["tasks"], response_model=TaskModel)
-    async def task_status(task_id: str, request: Request) -> Response:
-        return _task_response(await task_or_404(_store(request), task_id, with_output=False))
-
-    @app.get(
-        "/v1/tasks/{task_id}/result",
-        tags=["tasks"],
-        response_model=TaskModel,
-        responses={202: {"description": "still pending; try again after Retry-After"}},
-    )
-    async def task_result(
-        task_id: str,
-        request: Request,
-        wait: float = Query(0, ge=0, description="seconds to wait for the task to end"),
-        redirect: bool = Query(
-            False,
-            description="an output kept in S3 is answered with a 307 to a short-lived URL",
-        ),
-    ) -> Response:
-        wait_s = _checked_timeout(wait, None, settings, "wait")
-        if wait_s > 0:
-            with _inflight(request).hold():
-                task = await _waiter(request).wait_any(task_id, wait_s)
-            if task is None:
-                raise NotFound(f"no task {task_id}")
-        else:
-            task = await task_or_404(_store(request), task_id, with_output=True)
-        setattr(request.state, STATE_TASK_ID, task_id)
-        setattr(request.state, STATE_FUNCTION, task["function"])
-        if task["status"] not in TERMINAL:
-            return _task_response(task, 202, **{"Retry-After": str(RETRY_AFTER_PENDING_S)})
-        output_ref = task.pop(OUTPUT_REF, None)
-        if output_ref is None:
-            return _task_response(task)
-        redirect_ttl_s = settings.presign_ttl_s if redirect else None
-        return await _stored_output(_store(request).objects, task, output_ref, redirect_ttl_s)
-
-    @app.post("/v1/tasks/{task_id}/cancel", tags=["tasks"], response_model=TaskModel)
-    async def cancel_task(task_id: str, request: Request) -> Response:
-        store = _store(request)
-        queue = await store.queue_of(task_id)
-        if queue is None:
-            raise NotFound(f"no task {task_id}")
-        before = await store.cancel(
-            task_id, queue, which="any", error=error_json("canceled", "canceled")
-        )
-        task = await task_or_404(store, task_id, with_output=False)
-        if before not in ("queued", "started"):
-            raise Conflict(f"task {task_id} has already ended ({task['status']})", task=task)
+    else:
+        task = await _task_or_404(_store(request), task_id, with_output=True)
+    notes(request).task_id = task_id
+    notes(request).function = task["function"]
+    if task["status"] not in TERMINAL:
+        return _task_response(task, 202, **{"Retry-After": str(RETRY_AFTER_PENDING_S)})
+    output_ref = task.pop(OUTPUT_REF, None)
+    if output_ref is None:
         return _task_response(task)
+    redirect_ttl_s = settings.presign_ttl_s if redirect else None
+    return await _stored_output(_store(request).objects, task, output_ref, redirect_ttl_s)
 
-    @app.delete("/v1/tasks/{task_id}", tags=["tasks"], status_code=204)
-    async def delete_task(task_id: str, request: Request) -> Response:
-        store = _store(request)
-        queue = await store.queue_of(task_id)
-        if queue is None or not await store.delete(task_id, queue):
-            raise NotFound(f"no task {task_id}")
-        return Response(status_code=204)
 
-    @app.get("/metrics", tags=["health"], response_class=Response)
-    async def prometheus_metrics(request: Request) -> Response:
-        store = _store(request)
-        rows = []
-        for name in sorted(served):
-            figures = await store.figures(name)
-            rows.append(
-                (name, figures.queued, figures.running, figures.replicas_current, figures.desired)
-            )
-        return Response(exposition(rows), media_type=CONTENT_TYPE_LATEST)
+@router.post("/v1/tasks/{task_id}/cancel", tags=["tasks"], response_model=TaskModel)
+async def cancel_task(task_id: str, request: Request) -> Response:
+    store = _store(request)
+    queue = await store.queue_of(task_id)
+    if queue is None:
+        raise NotFound(f"no task {task_id}")
+    before = await store.cancel(
+        task_id, queue, which="any", error=error_json(ErrorCode.CANCELED, "canceled")
+    )
+    task = await _task_or_404(store, task_id, with_output=False)
+    if before not in ("queued", "started"):
+        raise Conflict(f"task {task_id} has already ended ({task['status']})", task=task)
+    return _task_response(task)
 
-    @app.get("/healthz", tags=["health"])
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"])
-    async def readyz(request: Request) -> dict[str, str]:
-        # Zero workers is still ready: tasks wait in the queue for a cold start.
-        try:
-            await request.app.state.redis.ping()
-        except (RedisError, OSError):
-            raise Unavailable("the queue is unreachable") from None
-        if not _waiter(request).connected.is_set():
-            raise Unavailable("the reply subscription is not up yet")
-        return {"status": "ready"}
+@router.delete("/v1/tasks/{task_id}", tags=["tasks"], status_code=204)
+async def delete_task(task_id: str, request: Request) -> Response:
+    store = _store(request)
+    queue = await store.queue_of(task_id)
+    if queue is None or not await store.delete(task_id, queue):
+        raise NotFound(f"no task {task_id}")
+    return Response(status_code=204)
+
+
+@router.get("/metrics", tags=["health"], response_class=Response)
+async def prometheus_metrics(request: Request) -> Response:
+    store = _store(request)
+    rows = []
+    for name in sorted(_served(request)):
+        figures = await store.figures(name)
+        rows.append(
+            (name, figures.queued, figures.running, figures.replicas_current, figures.desired)
+        )
+    return Response(exposition(rows), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/healthz", tags=["health"])
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"])
+async def readyz(request: Request) -> dict[str, str]:
+    # Zero workers is still ready: tasks wait in the queue for a cold start.
+    try:
+        await request.app.state.redis.ping()
+    except (RedisError, OSError):
+        raise Unavailable("the queue is unreachable") from None
+    if not _waiter(request).connected.is_set():
+        raise Unavailable("the reply subscription is not up yet")
+    return {"status": "ready"}
+
+
+def _unknown(request: Request, fn: str) -> NotFound:
+    known = ", ".join(sorted(_served(request)))
+    return NotFound(f"unknown function {fn!r}; served: {known}")
+
+
+async def _task_or_404(store: TaskStore, task_id: str, *, with_output: bool) -> dict[str, Any]:
+    task = await store.read(task_id, with_output=with_output)
+    if task is None:
+        raise NotFound(f"no task {task_id}")
+    return task
+
+
+async def _stored_output(
+    objects: ObjectStore, task: dict[str, Any], output_ref: str, redirect_ttl_s: int | None
+) -> Response:
+    """A stored output: a redirect to it when asked and possible, else the task JSON streamed
+    with the object's bytes as its output, never held whole in memory."""
+    if redirect_ttl_s is not None:
+        url = await asyncio.to_thread(objects.presign, output_ref, redirect_ttl_s)
+        if url is not None:
+            return RedirectResponse(url, status_code=307)
+    head = json.dumps(task)[:-1].encode() + b',"output":'
+
+    def body() -> Iterator[bytes]:
+        yield head
+        yield from objects.chunks(output_ref)
+        yield b"}"
+
+    return StreamingResponse(body(), media_type="application/json")
+
+
+# shared helpers -----------------------------------------------------------------------------
+
+
+def _checked_timeout(
+    value: float | None, default: float | None, settings: Settings, name: str
+) -> float:
+    timeout = default if value is None else value
+    if timeout is None:
+        return 0.0
+    if timeout > settings.max_timeout_s:
+        raise ValidationFailed(
+            f"{name}={timeout} is above max_timeout_s ({settings.max_timeout_s}); "
+            f"ask for at most {settings.max_timeout_s} s"
+        )
+    return timeout
+
+
+def _task_response(task: dict[str, Any], status_code: int = 200, **headers: str) -> JSONResponse:
+    return JSONResponse(task, status_code=status_code, headers=headers or None)
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _served(request: Request) -> dict[str, Served]:
+    served: dict[str, Served] = request.app.state.served
+    return served
+
+
+def _store(request: Request) -> TaskStore:
+    store: TaskStore = request.app.state.store
+    return store
+
+
+def _waiter(request: Request) -> TaskWaiter:
+    waiter: TaskWaiter = request.app.state.waiter
+    return waiter
+
+
+def _inflight(request: Request) -> InflightLimit:
+    inflight: InflightLimit = request.app.state.inflight
+    return inflight

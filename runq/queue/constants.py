@@ -36,8 +36,31 @@ RQ_STARTED_PREFIX = StartedJobRegistry.key_template.format("")
 RQ_FAILED_PREFIX = FailedJobRegistry.key_template.format("")
 RQ_CANCELED_PREFIX = CanceledJobRegistry.key_template.format("")
 
-# Hash fields runq adds to RQ's job hash; RQ ignores fields it does not know.
+# Job hash fields, RQ's: the scripts read and write them as RQ's own Job would.
+STATUS_FIELD = "status"
+ORIGIN_FIELD = "origin"
+CREATED_AT_FIELD = "created_at"
+STARTED_AT_FIELD = "started_at"
+ENDED_AT_FIELD = "ended_at"
+HEARTBEAT_FIELD = "last_heartbeat"
+WORKER_NAME_FIELD = "worker_name"
+RESULT_TTL_FIELD = "result_ttl"
+FAILURE_TTL_FIELD = "failure_ttl"
+# Job hash fields runq adds; RQ ignores fields it does not know.
 ERROR_FIELD = "runq_error"
+ATTEMPTS_FIELD = "runq_attempts"
+# The deadlines to start by and to end by, server epoch seconds.
+DEADLINE_FIELD = "runq_deadline"
+FINISH_BY_FIELD = "runq_finish_by"
+# Where a waiting predict listens.
+REPLY_TO_FIELD = "runq_reply_to"
+# The idempotency key naming the task: deleting the task frees it.
+IDEMPOTENCY_FIELD = "runq_idempotency"
+# Object-store keys of an input or output too big to travel through Redis (claim check).
+INPUT_REF_FIELD = "runq_input_ref"
+OUTPUT_REF_FIELD = "runq_output_ref"
+# Where to POST the task when it ends (submitted with "webhook").
+WEBHOOK_FIELD = "runq_webhook"
 
 # A gateway process's reply channel: a finished predict task is published here, whole.
 REPLY_CHANNEL_PREFIX = RUNQ_PREFIX + "reply:"
@@ -63,6 +86,8 @@ SLOTS_PREFIX = RUNQ_PREFIX + "slots:"
 # A function's drain rate: hash {rate, at}, an exponentially decayed count of tasks taken off
 # its queues per second, kept by the claim script; it sizes Retry-After when the queue is full.
 DRAIN_PREFIX = RUNQ_PREFIX + "drain:"
+DRAIN_RATE_FIELD = "rate"
+DRAIN_AT_FIELD = "at"
 DRAIN_RATE_WINDOW_S = 10.0
 DRAIN_TTL_S = 24 * 3600
 # Channel an enqueue publishes the function's name on while it has no worker: wakes autoscalers.
@@ -70,6 +95,8 @@ DEMAND_CHANNEL = RUNQ_PREFIX + "demand"
 # A function's replica figures, {current, desired}, written by the autoscaler that manages it;
 # they expire when it stops writing them.
 REPLICAS_PREFIX = RUNQ_PREFIX + "replicas:"
+REPLICAS_CURRENT_FIELD = "current"
+REPLICAS_DESIRED_FIELD = "desired"
 REPLICAS_TTL_S = 10
 # What `runq deploy` set: hash {function: JSON settings}, and a counter bumped with every
 # deploy that running gateways, workers and autoscalers poll every DEPLOYED_POLL_INTERVAL_S.
@@ -78,6 +105,8 @@ DEPLOYED_VERSION_KEY = RUNQ_PREFIX + "deployed:version"
 DEPLOYED_POLL_INTERVAL_S = 1.0
 # Idempotency keys, per function, holding {task, body} (the body's digest).
 IDEMPOTENCY_PREFIX = RUNQ_PREFIX + "idem:"
+IDEMPOTENCY_TASK_FIELD = "task"
+IDEMPOTENCY_BODY_FIELD = "body"
 # A function's outcome stats, one hash per epoch second (runq:stats:<function>:<second>): a count
 # per ended status and latency histogram buckets (runq/queue/stats.py), added by workers in the
 # transaction that records the outcomes. The TTL outlives the longest window `runq status` reads.
@@ -95,6 +124,9 @@ FUNCTIONS_KEY = RUNQ_PREFIX + "functions"
 # WEBHOOK_LEASE_S ahead, so two senders never send one delivery at once; one that dies while
 # sending leaves the delivery to be sent again once the lease passes (at-least-once).
 WEBHOOK_PREFIX = RUNQ_PREFIX + "webhook:"
+WEBHOOK_URL_FIELD = "url"
+WEBHOOK_BODY_FIELD = "body"
+WEBHOOK_ATTEMPTS_FIELD = "attempts"
 WEBHOOKS_DUE_KEY = RUNQ_PREFIX + "webhooks:due"
 # Outlives the whole retry schedule by far: a delivery waits here while no sender runs.
 WEBHOOK_TTL_S = 24 * 3600
@@ -168,16 +200,6 @@ def drain_key(function: str) -> str:
 
 def replicas_key(function: str) -> str:
     return REPLICAS_PREFIX + function
-
-
-def figures_keys(function: str) -> list[str]:
-    """The keys of the FIGURES script, in its order."""
-    return [
-        *queue_keys(function),
-        leases_key(function),
-        alive_key(function),
-        replicas_key(function),
-    ]
 
 
 def stats_key(function: str, epoch_s: int) -> str:

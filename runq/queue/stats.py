@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from redis import Redis
 from redis.client import Pipeline
 
-from runq.queue import constants as k
+from runq.queue import constants
 from runq.queue.tasks import TaskStatus
 
 # The statuses an outcome can end with; each is a counter field of the per-second hash.
@@ -82,32 +82,32 @@ def record(
             raise ValueError(f"{status!r} is not an ended status: one of {', '.join(ENDED)}")
         fields[str(status)] += 1
         fields[BUCKET_FIELD_PREFIX + str(bucket_of(latency_s))] += 1
-    key = k.stats_key(function, math.floor(now_s))
+    key = constants.stats_key(function, math.floor(now_s))
     for field, count in fields.items():
         pipe.hincrby(key, field, count)
-    pipe.expire(key, k.STATS_TTL_S)
-    pipe.sadd(k.FUNCTIONS_KEY, function)
+    pipe.expire(key, constants.STATS_TTL_S)
+    pipe.sadd(constants.FUNCTIONS_KEY, function)
 
 
 def read(
     connection: Redis,
     function: str,
-    window_s: int = k.STATS_WINDOW_S,
+    window_s: int = constants.STATS_WINDOW_S,
     *,
     now_s: float | None = None,
 ) -> WindowStats:
     """The function's stats over the ``window_s`` seconds up to ``now_s`` (the one in progress
     included), in one round trip; ``now_s`` defaults to the Redis server's clock.
     """
-    if not 0 < window_s <= k.STATS_TTL_S:
-        raise ValueError(f"window_s must be within 1..{k.STATS_TTL_S} (the stats' TTL)")
+    if not 0 < window_s <= constants.STATS_TTL_S:
+        raise ValueError(f"window_s must be within 1..{constants.STATS_TTL_S} (the stats' TTL)")
     if now_s is None:
         seconds, micros = connection.time()
         now_s = seconds + micros / 1e6
     last = math.floor(now_s)
     with connection.pipeline(transaction=False) as pipe:
         for second in range(last - window_s + 1, last + 1):
-            pipe.hgetall(k.stats_key(function, second))
+            pipe.hgetall(constants.stats_key(function, second))
         hashes = pipe.execute()
     return merged(hashes, window_s)
 

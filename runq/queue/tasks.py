@@ -7,6 +7,7 @@ import math
 import zlib
 from base64 import b64decode
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -15,7 +16,8 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
-from runq.queue import constants as k
+from runq.errors import ErrorCode
+from runq.queue import constants
 from runq.settings import FunctionSettings
 
 # RQ needs an importable-looking name for the job's function; workers never import it: they run
@@ -36,8 +38,6 @@ TERMINAL = frozenset(
     {TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELED, TaskStatus.TIMED_OUT}
 )
 
-# Error code that makes an ended task `timed_out` rather than failed or canceled.
-TIMED_OUT_CODE = "timed_out"
 
 _FROM_RQ = {
     JobStatus.CREATED.value: TaskStatus.QUEUED,
@@ -51,27 +51,47 @@ _FROM_RQ = {
     JobStatus.CANCELED.value: TaskStatus.CANCELED,
 }
 
-# Plain hash fields runq's scripts read: the deadline to start by, the one to end by (server
-# epoch seconds), and where a waiting predict listens.
-DEADLINE_FIELD = "runq_deadline"
-FINISH_BY_FIELD = "runq_finish_by"
-# Object-store keys of an input or output too big to travel through Redis (claim check); a task
-# view carries OUTPUT_REF until the gateway swaps in the output itself.
-INPUT_REF_FIELD = "runq_input_ref"
-OUTPUT_REF_FIELD = "runq_output_ref"
+# A task view carries OUTPUT_REF (the stored output's key) until the gateway swaps in the output.
 OUTPUT_REF = "output_ref"
-# Where to POST the task when it ends (submitted with "webhook").
-WEBHOOK_FIELD = "runq_webhook"
-_REPLY_TO_FIELD = "runq_reply_to"
-_ATTEMPTS_FIELD = "runq_attempts"
 
 
-def error_json(code: str, message: str) -> str:
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one task: an output (JSON-ready), or an error code and message."""
+
+    output: Any = None
+    error_code: ErrorCode | None = None
+    error_message: str = ""
+    traceback: str = ""
+    # Set instead of output when the output went to object storage (too big for Redis).
+    output_ref: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
+
+
+def failure(code: ErrorCode, message: str, tb: str = "") -> Outcome:
+    return Outcome(error_code=code, error_message=message, traceback=tb or message)
+
+
+def final_status(outcome: Outcome | None) -> TaskStatus:
+    """The status an outcome ends its task in; None: canceled or deleted while it ran."""
+    if outcome is None:
+        return TaskStatus.CANCELED
+    if outcome.ok:
+        return TaskStatus.SUCCEEDED
+    if outcome.error_code == ErrorCode.TIMED_OUT:
+        return TaskStatus.TIMED_OUT
+    return TaskStatus.FAILED
+
+
+def error_json(code: ErrorCode, message: str) -> str:
     return json.dumps({"code": code, "message": message})
 
 
 def deadline_passed_error() -> str:
-    return error_json(TIMED_OUT_CODE, "the task's deadline passed before it could start")
+    return error_json(ErrorCode.TIMED_OUT, "the task's deadline passed before it could start")
 
 
 def new_job_fields(
@@ -102,16 +122,16 @@ def new_job_fields(
         timeout=math.ceil(settings.timeout_s),
         description=f"runq {function}",  # never the input: `rq info` must not print payloads
     )
-    job.origin = k.queue_name(function, priority)
+    job.origin = constants.queue_name(function, priority)
     job.enqueued_at = now()
     fields = job.to_dict()
     fields["status"] = JobStatus.QUEUED.value
     if reply_to is not None:
-        fields[_REPLY_TO_FIELD] = reply_to
+        fields[constants.REPLY_TO_FIELD] = reply_to
     if input_ref is not None:
-        fields[INPUT_REF_FIELD] = input_ref
+        fields[constants.INPUT_REF_FIELD] = input_ref
     if webhook is not None:
-        fields[WEBHOOK_FIELD] = webhook
+        fields[constants.WEBHOOK_FIELD] = webhook
     return fields
 
 
@@ -127,26 +147,26 @@ def field_text(fields: Mapping[bytes, bytes], name: str) -> str | None:
 
 
 def reply_channel(fields: Mapping[bytes, bytes]) -> str | None:
-    return field_text(fields, _REPLY_TO_FIELD)
+    return field_text(fields, constants.REPLY_TO_FIELD)
 
 
 def task_view(task_id: str, fields: Mapping[bytes, bytes]) -> dict[str, Any]:
     """The task JSON (without output) from its job hash."""
-    error_raw = fields.get(k.ERROR_FIELD.encode())
+    error_raw = fields.get(constants.ERROR_FIELD.encode())
     error = json.loads(error_raw) if error_raw else None
     status = _FROM_RQ.get(fields.get(b"status", b"").decode(), TaskStatus.QUEUED)
-    if error is not None and error.get("code") == TIMED_OUT_CODE:
+    if error is not None and error.get("code") == ErrorCode.TIMED_OUT:
         status = TaskStatus.TIMED_OUT
     queue = fields.get(b"origin", b"").decode()
     task: dict[str, Any] = {
         "id": task_id,
-        "function": k.function_of_queue(queue),
-        "priority": k.priority_of_queue(queue),
+        "function": constants.function_of_queue(queue),
+        "priority": constants.priority_of_queue(queue),
         "status": status.value,
         "created_at": _timestamp(fields.get(b"created_at")),
         "started_at": _timestamp(fields.get(b"started_at")),
         "finished_at": _timestamp(fields.get(b"ended_at")),
-        "attempts": int(fields.get(_ATTEMPTS_FIELD.encode(), b"0")),
+        "attempts": int(fields.get(constants.ATTEMPTS_FIELD.encode(), b"0")),
     }
     if error is not None:
         task["error"] = error
@@ -157,8 +177,8 @@ def queued_view(task_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
     """The task JSON of a task just enqueued with ``fields``, without reading it back."""
     return {
         "id": task_id,
-        "function": k.function_of_queue(fields["origin"]),
-        "priority": k.priority_of_queue(fields["origin"]),
+        "function": constants.function_of_queue(fields["origin"]),
+        "priority": constants.priority_of_queue(fields["origin"]),
         "status": TaskStatus.QUEUED.value,
         "created_at": fields["created_at"],
         "started_at": None,
@@ -175,7 +195,7 @@ def result_output(entry: Mapping[bytes, bytes]) -> Any:
 
 def finish_by(fields: Mapping[bytes, bytes]) -> float | None:
     """The server time by which the task must have ended, if it has such a deadline."""
-    raw = fields.get(FINISH_BY_FIELD.encode())
+    raw = fields.get(constants.FINISH_BY_FIELD.encode())
     return float(raw) if raw else None
 
 

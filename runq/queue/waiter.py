@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from runq.queue import constants as k
+from runq.queue import constants
 from runq.queue.store import TaskStore
 from runq.queue.tasks import TERMINAL
 
@@ -34,7 +34,7 @@ class TaskWaiter:
     def __init__(self, redis: aioredis.Redis, store: TaskStore) -> None:
         self._redis = redis
         self._store = store
-        self.reply_channel = k.REPLY_CHANNEL_PREFIX + uuid.uuid4().hex
+        self.reply_channel = constants.REPLY_CHANNEL_PREFIX + uuid.uuid4().hex
         self._waiting: dict[str, set[asyncio.Future[dict[str, Any]]]] = defaultdict(set)
         self._channel_refs: dict[str, int] = {}
         self._confirmations: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
@@ -90,7 +90,7 @@ class TaskWaiter:
 
     async def wait_any(self, task_id: str, timeout_s: float) -> dict[str, Any] | None:
         """Long-poll a task whatever gateway submitted it, through its own channel."""
-        channel = k.task_channel(task_id)
+        channel = constants.task_channel(task_id)
         future = self.expect(task_id)
         try:
             await self._subscribe(channel)

@@ -4,57 +4,22 @@ max_latency_ms."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from redis import Redis
-from rq.utils import now, utcformat
 
 from runq.functions import Function
-from runq.queue import constants as k
-from runq.queue import scripts
-from runq.queue.tasks import deadline_passed_error
+from runq.queue import constants
+from runq.queue.claim import Claim, Claimed
 from runq.settings import FunctionSettings
-
-RawHash = dict[bytes, bytes]
-
-
-@dataclass
-class Claimed:
-    """Tasks a worker now owns (marked started, leased), and tasks found past their deadline."""
-
-    started: list[tuple[str, RawHash]] = field(default_factory=list)
-    expired: list[tuple[str, RawHash]] = field(default_factory=list)
-    # Every max_concurrency slot was taken: wait for one to free, not for new work.
-    at_capacity: bool = False
-    # The Redis server's clock at the claim, and ours, to turn server deadlines into time left.
-    server_now: float = 0.0
-    claimed_at: float = field(default_factory=time.monotonic)
-
-    @property
-    def empty(self) -> bool:
-        return not self.started and not self.expired
-
-    def extend(self, other: Claimed) -> None:
-        self.started += other.started
-        self.expired += other.expired
-
-    def seconds_left(self, server_deadline: float) -> float:
-        return server_deadline - self.server_now - (time.monotonic() - self.claimed_at)
 
 
 class BatchCollector:
     def __init__(
         self, connection: Redis, function: Function, settings: FunctionSettings, worker_name: str
     ) -> None:
-        self.connection = connection
         self.settings = settings
-        self.worker_name = worker_name
         self.batched = function.batch
-        name = function.name
-        self.keys = [*k.queue_keys(name), k.leases_key(name), k.wake_key(name), k.drain_key(name)]
-        self.wake_key = k.wake_key(name)
-        self.slots_key = k.slots_key(name)
-        self._claim = connection.register_script(scripts.CLAIM)
+        self._claim = Claim(connection, function.name, worker_name)
         self._last_batch_size = 0
 
     @property
@@ -83,7 +48,7 @@ class BatchCollector:
             remaining = window_ends - time.monotonic()
             if remaining <= 0:
                 break
-            time.sleep(min(k.BATCH_FILL_POLL_S, remaining))
+            time.sleep(min(constants.BATCH_FILL_POLL_S, remaining))
             more = self._claim_batch(limit - len(claimed.started))
             arriving = not more.empty
             claimed.extend(more)
@@ -91,37 +56,7 @@ class BatchCollector:
         return claimed
 
     def _wait_for_work(self, at_capacity: bool, block_s: float) -> None:
-        # Tokens are hints: whatever wakes this worker, the next claim decides. A lapsed lease
-        # frees a slot without a token, so the timeout doubles as the retry.
-        self.connection.blpop([self.slots_key if at_capacity else self.wake_key], block_s)
+        self._claim.wait_for_work(at_capacity, block_s)
 
     def _claim_batch(self, wanted: int) -> Claimed:
-        started, expired, at_capacity, server_now = self._claim(
-            keys=self.keys,
-            args=[
-                max(wanted, 0),
-                self.worker_name,
-                utcformat(now()),
-                deadline_passed_error(),
-                k.RQ_JOB_PREFIX,
-                k.RQ_CANCELED_PREFIX,
-                self.settings.max_concurrency or 0,
-                k.LEASE_TTL_S,
-                k.DRAIN_RATE_WINDOW_S,
-                k.DRAIN_TTL_S,
-            ],
-        )
-        return Claimed(
-            started=_pairs(started),
-            expired=_pairs(expired),
-            at_capacity=bool(at_capacity),
-            server_now=float(server_now),
-        )
-
-
-def _pairs(rows: list[list[object]]) -> list[tuple[str, RawHash]]:
-    result = []
-    for task_id, flat in rows:
-        assert isinstance(task_id, bytes) and isinstance(flat, list)
-        result.append((task_id.decode(), dict(zip(flat[::2], flat[1::2], strict=True))))
-    return result
+        return self._claim(wanted, self.settings.max_concurrency)

@@ -5,38 +5,19 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from runq.errors import ErrorCode
 from runq.functions import Function, validation_message
+from runq.queue.tasks import Outcome, failure
 
 logger = logging.getLogger("runq.worker")
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one task: an output (JSON-ready), or an error code and message."""
-
-    output: Any = None
-    error_code: str | None = None
-    error_message: str = ""
-    traceback: str = ""
-    # Set instead of output when the output went to object storage (too big for Redis).
-    output_ref: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error_code is None
-
-
 class BatchTimeout(Exception):
     """Raised into a batch that ran past the function's timeout_s."""
-
-
-def failure(code: str, message: str, tb: str = "") -> Outcome:
-    return Outcome(error_code=code, error_message=message, traceback=tb or message)
 
 
 class ModelRunner:
@@ -57,7 +38,7 @@ class ModelRunner:
                 inputs.append(self.function.validate_input(payload))
                 positions.append(i)
             except ValidationError as exc:
-                outcomes[i] = failure("validation_error", validation_message(exc))
+                outcomes[i] = failure(ErrorCode.VALIDATION_ERROR, validation_message(exc))
         results = self._run_batch(inputs) if self.function.batch else self._run_each(inputs)
         for i, outcome in zip(positions, results, strict=True):
             outcomes[i] = outcome
@@ -105,13 +86,13 @@ class ModelRunner:
                 f"{self.function.name} is batched and must return a list; "
                 f"it returned {type(outputs).__name__}"
             )
-            return [failure("model_error", message)] * len(inputs)
+            return [failure(ErrorCode.MODEL_ERROR, message)] * len(inputs)
         if len(outputs) != len(inputs):
             message = (
                 f"{self.function.name} returned {len(outputs)} outputs for a batch of "
                 f"{len(inputs)} inputs; a batched function returns one output per input, in order"
             )
-            return [failure("model_error", message)] * len(inputs)
+            return [failure(ErrorCode.MODEL_ERROR, message)] * len(inputs)
         return [self._dump(output) for output in outputs]
 
     def _run_each(self, inputs: list[Any]) -> list[Outcome]:
@@ -135,7 +116,7 @@ class ModelRunner:
             return Outcome(output=self._output.dump_python(output, mode="json"))
         except Exception as exc:
             return failure(
-                "model_error",
+                ErrorCode.MODEL_ERROR,
                 f"{self.function.name} returned an output that cannot be sent as JSON: {exc}",
             )
 
@@ -144,4 +125,4 @@ def _model_failure(exc: Exception) -> Outcome:
     message = f"{type(exc).__name__}: {exc}"
     tb = "".join(traceback.format_exception(exc))
     logger.error("function raised %s", message, exc_info=exc)
-    return failure("model_error", message, tb)
+    return failure(ErrorCode.MODEL_ERROR, message, tb)

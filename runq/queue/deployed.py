@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis import Redis
 
 from runq.errors import ConfigError
-from runq.queue import constants as k
+from runq.queue import constants
 from runq.queue.tasks import text
 from runq.settings import FunctionSettings, Settings, read_settings_file
 
@@ -51,16 +51,16 @@ class LiveSettings:
 
     def poll(self, connection: Redis) -> dict[str, FunctionSettings] | None:
         """The new settings when a deploy happened since the last poll, else None."""
-        version = connection.get(k.DEPLOYED_VERSION_KEY)
+        version = connection.get(constants.DEPLOYED_VERSION_KEY)
         if version == self._version:
             return None
-        return self._changed(version, connection.hgetall(k.DEPLOYED_KEY))
+        return self._changed(version, connection.hgetall(constants.DEPLOYED_KEY))
 
     async def poll_async(self, redis: aioredis.Redis) -> dict[str, FunctionSettings] | None:
-        version = await redis.get(k.DEPLOYED_VERSION_KEY)
+        version = await redis.get(constants.DEPLOYED_VERSION_KEY)
         if version == self._version:
             return None
-        return self._changed(version, await redis.hgetall(k.DEPLOYED_KEY))
+        return self._changed(version, await redis.hgetall(constants.DEPLOYED_KEY))
 
     def _changed(self, version: Any, raw: Mapping[Any, Any]) -> dict[str, FunctionSettings] | None:
         self._version = version
@@ -92,7 +92,7 @@ def read_deploy_file(path: Path) -> Deployed:
 
 
 def deployed_settings(connection: Redis) -> Deployed:
-    return _parse(connection.hgetall(k.DEPLOYED_KEY))
+    return _parse(connection.hgetall(constants.DEPLOYED_KEY))
 
 
 def _parse(raw: Mapping[Any, Any]) -> Deployed:
@@ -102,12 +102,12 @@ def _parse(raw: Mapping[Any, Any]) -> Deployed:
 def deploy(connection: Redis, deployed: Deployed) -> int:
     """Replaces the deployed settings whole, in one transaction; returns the new version."""
     with connection.pipeline() as pipe:
-        pipe.delete(k.DEPLOYED_KEY)
+        pipe.delete(constants.DEPLOYED_KEY)
         if deployed:
             pipe.hset(
-                k.DEPLOYED_KEY,
+                constants.DEPLOYED_KEY,
                 mapping={name: json.dumps(values) for name, values in deployed.items()},
             )
-        pipe.incr(k.DEPLOYED_VERSION_KEY)
+        pipe.incr(constants.DEPLOYED_VERSION_KEY)
         *_, version = pipe.execute()
     return int(version)

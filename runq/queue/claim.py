@@ -1,0 +1,182 @@
+"""A worker claims a batch: highest priority first, within max_concurrency, under a lease."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from redis import Redis
+from rq.job import JobStatus
+from rq.utils import now, utcformat
+
+from runq.queue import constants, lua
+from runq.queue.tasks import deadline_passed_error
+
+# Takes up to ARGV[1] ids off the function's queues, highest priority first, and marks every
+# still-queued task started under a lease. max_concurrency counts live leases across all
+# workers; lapsed ones (a crashed worker's) no longer hold a slot. Tasks whose deadline has
+# passed are ended here, never started.
+# KEYS[1..3] the function's queue lists, highest priority first, KEYS[4] leases, KEYS[5] wake
+# list, KEYS[6] drain hash
+# ARGV[1] most tasks to take, ARGV[2] worker name, ARGV[3] now (RQ's time format, for display),
+# ARGV[4] runq error JSON for tasks past their deadline, ARGV[5] max_concurrency (0: no cap)
+# Returns {started, expired, at_capacity, server now}: started and expired are lists of
+# {id, flat job hash}; canceled or deleted tasks are skipped; at_capacity is 1 when every
+# concurrency slot was taken.
+CLAIM = lua.script(
+    """
+local now = server_now()
+local wanted = tonumber(ARGV[1])
+local cap = tonumber(ARGV[5])
+local at_capacity = 0
+if cap > 0 then
+  local free = cap - redis.call('ZCOUNT', KEYS[4], '(' .. tostring(now), '+inf')
+  if free <= 0 then
+    at_capacity = 1
+  end
+  wanted = math.max(math.min(wanted, free), 0)
+end
+local ids = {}
+for q = 1, 3 do
+  local need = wanted - #ids
+  if need <= 0 then
+    break
+  end
+  local popped = redis.call('LPOP', KEYS[q], need)
+  if popped then
+    for _, id in ipairs(popped) do
+      ids[#ids + 1] = id
+    end
+  end
+end
+local lease_until = now + LEASE_TTL_S
+local started, expired = {}, {}
+for _, id in ipairs(ids) do
+  local key = JOB_PREFIX .. id
+  if redis.call('HGET', key, STATUS) == QUEUED then
+    local deadline = tonumber(redis.call('HGET', key, DEADLINE) or '')
+    if deadline and deadline <= now then
+      local ttl = tonumber(redis.call('HGET', key, RESULT_TTL) or DEFAULT_TTL_S)
+      local registry = CANCELED_PREFIX .. redis.call('HGET', key, ORIGIN)
+      redis.call('HSET', key, STATUS, CANCELED, ENDED_AT, ARGV[3], ERROR, ARGV[4])
+      redis.call('ZADD', registry, now + ttl, id)
+      redis.call('EXPIRE', key, ttl)
+      expired[#expired + 1] = {id, redis.call('HGETALL', key)}
+    else
+      redis.call('HSET', key, STATUS, STARTED, STARTED_AT, ARGV[3], HEARTBEAT, ARGV[3],
+                 WORKER_NAME, ARGV[2])
+      redis.call('HINCRBY', key, ATTEMPTS, 1)
+      redis.call('PERSIST', key)
+      redis.call('ZADD', KEYS[4], lease_until, id)
+      started[#started + 1] = {id, redis.call('HGETALL', key)}
+    end
+  end
+end
+if #ids > 0 then
+  local rate = drain_rate(KEYS[6], now, DRAIN_WINDOW_S) + #ids / DRAIN_WINDOW_S
+  redis.call('HSET', KEYS[6], DRAIN_RATE_FIELD, tostring(rate), DRAIN_AT_FIELD, tostring(now))
+  redis.call('EXPIRE', KEYS[6], DRAIN_TTL_S)
+end
+if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3]) == 0 then
+  -- Nothing left to wake anyone for.
+  redis.call('DEL', KEYS[5])
+end
+return {started, expired, at_capacity, tostring(now)}
+""",
+    lua.SERVER_NOW,
+    lua.DRAIN_RATE,
+    JOB_PREFIX=constants.RQ_JOB_PREFIX,
+    CANCELED_PREFIX=constants.RQ_CANCELED_PREFIX,
+    STATUS=constants.STATUS_FIELD,
+    ORIGIN=constants.ORIGIN_FIELD,
+    STARTED_AT=constants.STARTED_AT_FIELD,
+    ENDED_AT=constants.ENDED_AT_FIELD,
+    HEARTBEAT=constants.HEARTBEAT_FIELD,
+    WORKER_NAME=constants.WORKER_NAME_FIELD,
+    RESULT_TTL=constants.RESULT_TTL_FIELD,
+    DEADLINE=constants.DEADLINE_FIELD,
+    ERROR=constants.ERROR_FIELD,
+    ATTEMPTS=constants.ATTEMPTS_FIELD,
+    QUEUED=JobStatus.QUEUED.value,
+    STARTED=JobStatus.STARTED.value,
+    CANCELED=JobStatus.CANCELED.value,
+    DEFAULT_TTL_S=constants.DEFAULT_RESULT_TTL_S,
+    LEASE_TTL_S=constants.LEASE_TTL_S,
+    DRAIN_WINDOW_S=constants.DRAIN_RATE_WINDOW_S,
+    DRAIN_TTL_S=constants.DRAIN_TTL_S,
+)
+
+RawHash = dict[bytes, bytes]
+
+
+@dataclass
+class Claimed:
+    """Tasks a worker now owns (marked started, leased), and tasks found past their deadline."""
+
+    started: list[tuple[str, RawHash]] = field(default_factory=list)
+    expired: list[tuple[str, RawHash]] = field(default_factory=list)
+    # Every max_concurrency slot was taken: wait for one to free, not for new work.
+    at_capacity: bool = False
+    # The Redis server's clock at the claim, and ours, to turn server deadlines into time left.
+    server_now: float = 0.0
+    claimed_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def empty(self) -> bool:
+        return not self.started and not self.expired
+
+    def extend(self, other: Claimed) -> None:
+        self.started += other.started
+        self.expired += other.expired
+
+    def seconds_left(self, server_deadline: float) -> float:
+        return server_deadline - self.server_now - (time.monotonic() - self.claimed_at)
+
+
+class Claim:
+    """Claims batches of one function's tasks for one worker."""
+
+    def __init__(self, connection: Redis, function: str, worker_name: str) -> None:
+        self._connection = connection
+        self._script = connection.register_script(CLAIM)
+        self._worker_name = worker_name
+        self._keys = [
+            *constants.queue_keys(function),
+            constants.leases_key(function),
+            constants.wake_key(function),
+            constants.drain_key(function),
+        ]
+        self._wake_key = constants.wake_key(function)
+        self._slots_key = constants.slots_key(function)
+
+    def __call__(self, wanted: int, max_concurrency: int | None) -> Claimed:
+        started, expired, at_capacity, server_now = self._script(
+            keys=self._keys,
+            args=[
+                max(wanted, 0),
+                self._worker_name,
+                utcformat(now()),
+                deadline_passed_error(),
+                max_concurrency or 0,
+            ],
+        )
+        return Claimed(
+            started=_pairs(started),
+            expired=_pairs(expired),
+            at_capacity=bool(at_capacity),
+            server_now=float(server_now),
+        )
+
+    def wait_for_work(self, at_capacity: bool, block_s: float) -> None:
+        """Blocks until an enqueue (or, at capacity, a freed slot) leaves a token, or block_s."""
+        # Tokens are hints: whatever wakes this worker, the next claim decides. A lapsed lease
+        # frees a slot without a token, so the timeout doubles as the retry.
+        self._connection.blpop([self._slots_key if at_capacity else self._wake_key], block_s)
+
+
+def _pairs(rows: list[list[object]]) -> list[tuple[str, RawHash]]:
+    result = []
+    for task_id, flat in rows:
+        assert isinstance(task_id, bytes) and isinstance(flat, list)
+        result.append((task_id.decode(), dict(zip(flat[::2], flat[1::2], strict=True))))
+    return result

@@ -1,0 +1,57 @@
+"""Deleting a task and everything RQ keeps about it, in one step."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from runq.queue import constants, lua
+
+# KEYS[1] job hash, KEYS[2] queue list, KEYS[3] results stream, KEYS[4] the job's executions,
+# KEYS[5] started, KEYS[6] finished, KEYS[7] failed, KEYS[8] canceled registry
+# ARGV[1] task id
+# Returns 1 when deleted, 0 when there was no such task.
+DELETE = lua.script(
+    """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+for _, execution in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+  local composite = ARGV[1] .. ':' .. execution
+  redis.call('ZREM', KEYS[5], composite)
+  redis.call('DEL', EXECUTION_PREFIX .. composite)
+end
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+local idempotency = redis.call('HGET', KEYS[1], IDEMPOTENCY)
+if idempotency then
+  redis.call('DEL', idempotency)
+end
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
+redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('ZREM', KEYS[7], ARGV[1])
+redis.call('ZREM', KEYS[8], ARGV[1])
+return 1
+""",
+    EXECUTION_PREFIX=constants.RQ_EXECUTION_PREFIX,
+    IDEMPOTENCY=constants.IDEMPOTENCY_FIELD,
+)
+
+
+class Delete:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._script = redis.register_script(DELETE)
+
+    async def __call__(self, task_id: str, queue: str) -> bool:
+        deleted = await self._script(
+            keys=[
+                constants.job_key(task_id),
+                constants.queue_key(queue),
+                constants.results_key(task_id),
+                constants.executions_key(task_id),
+                constants.started_registry_key(queue),
+                constants.finished_registry_key(queue),
+                constants.failed_registry_key(queue),
+                constants.canceled_registry_key(queue),
+            ],
+            args=[task_id],
+        )
+        return bool(deleted)

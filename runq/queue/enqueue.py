@@ -1,0 +1,169 @@
+"""Admission in one atomic step: replay an idempotency key, or check the queue cap and enqueue.
+
+Any number of gateways together never push a function past max_queue: the cap is checked and
+the task pushed by one script.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import redis.asyncio as aioredis
+from rq.job import JobStatus
+
+from runq.queue import constants, lua
+
+# KEYS[1] the task's queue list, KEYS[2] its job hash, KEYS[3] RQ's set of queue keys,
+# KEYS[4..6] the function's queue lists (every priority), KEYS[7] wake list, KEYS[8] drain hash,
+# KEYS[9] the function's live workers, KEYS[10] idempotency key (absent: none)
+# ARGV[1] max_queue, ARGV[2] task id, ARGV[3] idempotency TTL s, ARGV[4] body digest,
+# ARGV[5] seconds from now it must start by ('' none), ARGV[6] seconds from now it must end by
+# ('' none), ARGV[7] function name, ARGV[8..] job hash field/value pairs. With no live worker,
+# the function name is published on the demand channel: an autoscaler at zero replicas starts
+# one at once instead of on its next look.
+# Returns {Reply, value}: the task id, or the drain rate when the queue was full (nothing
+# written). A key whose task was withdrawn before it ever started (a predict that timed out in
+# the queue) is free again: a retry must be able to run what never ran.
+ENQUEUE = lua.script(
+    """
+local idempotency = KEYS[10]
+if idempotency then
+  local held = redis.call('HMGET', idempotency, IDEM_TASK, IDEM_BODY)
+  if held[1] then
+    local task = redis.call('HMGET', JOB_PREFIX .. held[1], STATUS, STARTED_AT)
+    if not task[1] then
+      return {EXPIRED, held[1]}
+    end
+    local never_ran = task[1] == CANCELED and (not task[2] or task[2] == '')
+    if not never_ran then
+      if held[2] == ARGV[4] then
+        return {REPLAYED, held[1]}
+      end
+      return {CONFLICT, held[1]}
+    end
+  end
+end
+local now = server_now()
+local queued = redis.call('LLEN', KEYS[4]) + redis.call('LLEN', KEYS[5])
+  + redis.call('LLEN', KEYS[6])
+if queued >= tonumber(ARGV[1]) then
+  return {FULL, tostring(drain_rate(KEYS[8], now, DRAIN_WINDOW_S))}
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 8))
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[2], DEADLINE, tostring(now + tonumber(ARGV[5])))
+end
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[2], FINISH_BY, tostring(now + tonumber(ARGV[6])))
+end
+redis.call('RPUSH', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[3], KEYS[1])
+redis.call('LPUSH', KEYS[7], '1')
+redis.call('LTRIM', KEYS[7], 0, WAKE_TOKENS_MAX - 1)
+if redis.call('ZCOUNT', KEYS[9], '(' .. tostring(now), '+inf') == 0 then
+  redis.call('PUBLISH', DEMAND_CHANNEL, ARGV[7])
+end
+if idempotency then
+  redis.call('HSET', idempotency, IDEM_TASK, ARGV[2], IDEM_BODY, ARGV[4])
+  redis.call('EXPIRE', idempotency, tonumber(ARGV[3]))
+  -- Deleting the task frees its key.
+  redis.call('HSET', KEYS[2], IDEMPOTENCY, idempotency)
+end
+return {ENQUEUED, ARGV[2]}
+""",
+    lua.SERVER_NOW,
+    lua.DRAIN_RATE,
+    FULL=0,
+    ENQUEUED=1,
+    REPLAYED=2,
+    CONFLICT=3,
+    EXPIRED=4,
+    JOB_PREFIX=constants.RQ_JOB_PREFIX,
+    STATUS=constants.STATUS_FIELD,
+    STARTED_AT=constants.STARTED_AT_FIELD,
+    CANCELED=JobStatus.CANCELED.value,
+    DEADLINE=constants.DEADLINE_FIELD,
+    FINISH_BY=constants.FINISH_BY_FIELD,
+    IDEMPOTENCY=constants.IDEMPOTENCY_FIELD,
+    IDEM_TASK=constants.IDEMPOTENCY_TASK_FIELD,
+    IDEM_BODY=constants.IDEMPOTENCY_BODY_FIELD,
+    DRAIN_WINDOW_S=constants.DRAIN_RATE_WINDOW_S,
+    WAKE_TOKENS_MAX=constants.WAKE_TOKENS_MAX,
+    DEMAND_CHANNEL=constants.DEMAND_CHANNEL,
+)
+
+
+class Reply(IntEnum):
+    FULL = 0
+    ENQUEUED = 1
+    # The idempotency key's task: asked with the same body, with another one, or expired.
+    REPLAYED = 2
+    CONFLICT = 3
+    EXPIRED = 4
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    reply: Reply
+    # The task id; for FULL, the function's recent drain rate (tasks/s).
+    value: str
+
+
+@dataclass(frozen=True)
+class Request:
+    function: str
+    task_id: str
+    priority: str
+    # The new job hash, in RQ's layout.
+    fields: Mapping[str, Any]
+    max_queue: int
+    # Seconds from admission: start by (else timed_out, never run), and end by.
+    start_within_s: float | None = None
+    finish_within_s: float | None = None
+    # The digest of the caller's Idempotency-Key, and of the request's body.
+    key_digest: str | None = None
+    body_digest: str = ""
+
+
+class Enqueue:
+    def __init__(self, redis: aioredis.Redis, idempotency_ttl_s: int) -> None:
+        self._script = redis.register_script(ENQUEUE)
+        self._idempotency_ttl_s = idempotency_ttl_s
+
+    async def __call__(self, request: Request) -> Enqueued:
+        function = request.function
+        keys = [
+            constants.queue_key(constants.queue_name(function, request.priority)),
+            constants.job_key(request.task_id),
+            constants.RQ_QUEUES_KEY,
+            *constants.queue_keys(function),
+            constants.wake_key(function),
+            constants.drain_key(function),
+            constants.alive_key(function),
+        ]
+        if request.key_digest is not None:
+            keys.append(constants.idempotency_key(function, request.key_digest))
+        flat: list[Any] = []
+        for name, value in request.fields.items():
+            flat += (name, value)
+        reply, value = await self._script(
+            keys=keys,
+            args=[
+                request.max_queue,
+                request.task_id,
+                self._idempotency_ttl_s,
+                request.body_digest,
+                _seconds(request.start_within_s),
+                _seconds(request.finish_within_s),
+                function,
+                *flat,
+            ],
+        )
+        return Enqueued(Reply(reply), value.decode())
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else repr(value)
