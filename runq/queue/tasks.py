@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import zlib
@@ -14,7 +15,7 @@ from typing import Any
 from redis import Redis
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
-from rq.utils import now
+from rq.utils import now, utcformat
 
 from runq.errors import ErrorCode
 from runq.queue import constants
@@ -106,26 +107,19 @@ def new_job_fields(
     input_ref: str | None = None,
     webhook: str | None = None,
 ) -> dict[str, Any]:
-    """The job hash of a new queued task, in RQ's layout (RQ's own `Job` writes it).
+    """The job hash of a new queued task, in RQ's layout.
 
-    Deadlines are not here: the enqueue script sets them against the Redis server's clock.
+    RQ's own ``Job`` writes the function's template once; a task copies it and sets what is its
+    own (times, input, runq's fields). Deadlines are not here: the enqueue script sets them
+    against the Redis server's clock.
     """
-    job = Job.create(
-        FUNC_REF,
-        # A stored input leaves only its key in the job hash.
-        args=[None if input_ref else payload],
-        id=task_id,
-        connection=connection,
-        serializer=JSONSerializer,
-        result_ttl=settings.result_ttl_s,
-        failure_ttl=settings.result_ttl_s,
-        timeout=math.ceil(settings.timeout_s),
-        description=f"runq {function}",  # never the input: `rq info` must not print payloads
+    template = _job_template(
+        connection, function, priority, settings.result_ttl_s, math.ceil(settings.timeout_s)
     )
-    job.origin = constants.queue_name(function, priority)
-    job.enqueued_at = now()
-    fields = job.to_dict()
-    fields["status"] = JobStatus.QUEUED.value
+    fields = dict(template)
+    fields[constants.CREATED_AT_FIELD] = fields["enqueued_at"] = utcformat(now())
+    # A stored input leaves only its key in the job hash.
+    fields["data"] = job_data(None if input_ref else payload)
     if reply_to is not None:
         fields[constants.REPLY_TO_FIELD] = reply_to
     if input_ref is not None:
@@ -133,6 +127,33 @@ def new_job_fields(
     if webhook is not None:
         fields[constants.WEBHOOK_FIELD] = webhook
     return fields
+
+
+@functools.lru_cache(maxsize=256)
+def _job_template(
+    connection: Redis, function: str, priority: str, result_ttl_s: int, timeout_s: int
+) -> Mapping[str, Any]:
+    # RQ's Job wants a connection object to build a job; it never does I/O with it here.
+    job = Job.create(
+        FUNC_REF,
+        args=[None],
+        connection=connection,
+        serializer=JSONSerializer,
+        result_ttl=result_ttl_s,
+        failure_ttl=result_ttl_s,
+        timeout=timeout_s,
+        description=f"runq {function}",  # never the input: `rq info` must not print payloads
+    )
+    job.origin = constants.queue_name(function, priority)
+    job.enqueued_at = now()
+    fields = job.to_dict()
+    fields[constants.STATUS_FIELD] = JobStatus.QUEUED.value
+    return fields
+
+
+def job_data(payload: Any) -> bytes:
+    """RQ's ``data`` field of a job calling FUNC_REF with the one argument ``payload``."""
+    return zlib.compress(JSONSerializer.dumps((FUNC_REF, None, [payload], {})))
 
 
 def job_input(fields: Mapping[bytes, bytes]) -> Any:
