@@ -30,7 +30,8 @@ from runq.client import (
     _error,
     _Retry,
 )
-from tests.conftest import (
+from tests.fns import RAN_KEY
+from tests.helpers import (
     FNS,
     GATEWAY_ENV,
     Proc,
@@ -41,7 +42,6 @@ from tests.conftest import (
     wait_for_gateway,
     wait_until,
 )
-from tests.fns import RAN_KEY
 
 
 def unique(what: str) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import httpx
 from redis import Redis
 
-from tests.conftest import ROOT, Proc, start_gateway, start_worker
+from tests.helpers import ROOT, Proc, start_gateway, start_worker
 
 EMBED = str(ROOT / "examples" / "embed.py")
 

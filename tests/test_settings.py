@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pydantic
@@ -9,6 +10,8 @@ import pytest
 
 from runq.errors import ConfigError
 from runq.settings import FunctionSettings, Settings, load_settings, settings_to_env
+from tests.helpers import OBSERVED as TARGET
+from tests.helpers import run_runq
 
 
 def config(tmp_path: Path, text: str) -> Path:
@@ -267,3 +270,19 @@ def test_overrides_for_undeclared_functions_are_rejected() -> None:
         settings.check_functions({"embed", "rerank"})
     assert "function(s) emebd that" in caught.value.message  # only the stray one is named
     assert "declared: embed, rerank" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "buckets",
+    [
+        [0.1, 0.05],
+        [0, 1],
+        [],
+        {"min": 1, "max": 0.5, "factor": 2},
+        {"min": 0.1, "max": 1, "factor": 1},
+    ],
+)
+def test_invalid_request_buckets_stop_the_start(buckets: object) -> None:
+    result = run_runq("config", "show", TARGET, env={"RUNQ_REQUEST_BUCKETS": json.dumps(buckets)})
+    assert result.returncode == 2
+    assert "request_buckets" in result.stderr

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from runq.queue import constants as k
-from runq.queue import stats
-from tests.conftest import ROOT, free_port, run_runq, wait_until
+from runq.queue import constants, stats
+from tests.helpers import ROOT, Proc, free_port, predict_all, run_runq, runq_cli, wait_until
 
 CLEAR_SCREEN = b"\x1b[H\x1b[2J"
 
@@ -62,16 +61,16 @@ def busy(redis: Redis) -> Iterator[str]:
         pipe.execute()
     yield function
     redis.delete(*keys)
-    redis.srem(k.FUNCTIONS_KEY, function)
+    redis.srem(constants.FUNCTIONS_KEY, function)
 
 
 @pytest.fixture
 def idle(redis: Redis) -> Iterator[str]:
     """A function listed before its first batch, with no worker and no autoscaler."""
     function = f"idle_{uuid.uuid4().hex[:8]}"
-    redis.sadd(k.FUNCTIONS_KEY, function)
+    redis.sadd(constants.FUNCTIONS_KEY, function)
     yield function
-    redis.srem(k.FUNCTIONS_KEY, function)
+    redis.srem(constants.FUNCTIONS_KEY, function)
 
 
 def test_json_has_every_figure_of_every_listed_function(
@@ -204,3 +203,19 @@ def test_watch_takes_only_a_positive_interval(valkey_url: str, seconds: str) -> 
 
     assert result.returncode == 2
     assert "positive number of seconds" in result.stderr
+
+
+# a running `runq serve` -------------------------------------------------------------------
+
+
+def test_status_shows_the_last_minute_of_a_running_function(
+    served: tuple[str, Proc], valkey_url: str
+) -> None:
+    url, _ = served
+    predict_all(url, list(range(8)))
+    shown = runq_cli("status", "--json", redis_url=valkey_url)
+    assert shown.returncode == 0, shown.stderr
+    row = next(r for r in json.loads(shown.stdout)["functions"] if r["function"] == "counted")
+    assert row["succeeded"] >= 8
+    assert row["throughput_per_s"] > 0 and row["p99_s"] is not None
+    assert row["replicas"] == {"current": 1, "desired": 1}

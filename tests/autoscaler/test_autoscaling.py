@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
-from tests.conftest import (
+from tests.helpers import (
     GATEWAY_ENV,
     ROOT,
     Proc,
@@ -115,6 +115,7 @@ def test_a_burst_scales_up_to_max_replicas_and_back_to_zero(
     assert cold and cold[0] >= 1
 
 
+@pytest.mark.slow
 def test_sigkill_storm_loses_no_task(scaled: httpx.Client, autoscaler: Proc, redis: Redis) -> None:
     tasks = [
         scaled.post("/v1/functions/fragile/tasks", json={"input": 0.3}).json()["id"]

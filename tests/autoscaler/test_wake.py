@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 from redis import Redis
 
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 DEMAND_CHANNEL = "runq:demand"
 

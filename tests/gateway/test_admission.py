@@ -16,7 +16,8 @@ import httpx
 import pytest
 from redis import Redis
 
-from tests.conftest import (
+from tests.fns import CALLS_KEY, PEAK_KEY, RUNNING_KEY
+from tests.helpers import (
     GATEWAY_ENV,
     Proc,
     clear_function,
@@ -25,7 +26,6 @@ from tests.conftest import (
     start_worker,
     wait_until,
 )
-from tests.fns import CALLS_KEY, PEAK_KEY, RUNNING_KEY
 
 
 def calls(redis: Redis, function: str) -> list[list[object]]:
@@ -93,6 +93,7 @@ def test_retry_after_follows_the_recent_drain_rate(client: httpx.Client, redis: 
 # concurrency cap ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_max_concurrency_bounds_running_tasks_across_workers(
     client: httpx.Client, procs: Callable[..., Proc], redis: Redis
 ) -> None:
@@ -115,6 +116,7 @@ def test_max_concurrency_bounds_running_tasks_across_workers(
             worker.stop()
 
 
+@pytest.mark.slow
 def test_a_concurrency_slot_is_held_for_as_long_as_its_task_runs(
     client: httpx.Client, procs: Callable[..., Proc], redis: Redis
 ) -> None:

@@ -9,8 +9,8 @@ import httpx
 import pytest
 from redis import Redis
 
-from tests.conftest import Proc, start_worker, wait_until
 from tests.fns import RAN_KEY
+from tests.helpers import Proc, start_worker, wait_until
 
 PARKED_QUEUE = "rq:queue:runq.parked"
 

@@ -9,8 +9,7 @@ import uuid
 import pytest
 from redis import Redis
 
-from runq.queue import constants as k
-from runq.queue import stats
+from runq.queue import constants, stats
 from runq.queue.stats import LATENCY_BOUNDS_S, bucket_of, percentile_s, record
 
 NOW_S = 1_700_000_000.25
@@ -104,9 +103,9 @@ def test_outcomes_written_in_a_transaction_read_back_over_the_window(redis: Redi
     assert window.throughput_per_s == pytest.approx(120 / 60)
     assert window.p50_s == pytest.approx(0.020, rel=0.12)
     assert window.p99_s == pytest.approx(2.0, rel=0.12)
-    key = k.stats_key(function, math.floor(NOW_S))
-    assert 0 < redis.ttl(key) <= k.STATS_TTL_S
-    assert redis.sismember(k.FUNCTIONS_KEY, function)
+    key = constants.stats_key(function, math.floor(NOW_S))
+    assert 0 < redis.ttl(key) <= constants.STATS_TTL_S
+    assert redis.sismember(constants.FUNCTIONS_KEY, function)
 
 
 def test_a_shorter_window_sees_only_its_seconds(redis: Redis) -> None:
@@ -145,7 +144,7 @@ def test_no_outcomes_write_nothing(redis: Redis) -> None:
         assert len(pipe) == 0
 
 
-@pytest.mark.parametrize("window_s", [0, k.STATS_TTL_S + 1])
+@pytest.mark.parametrize("window_s", [0, constants.STATS_TTL_S + 1])
 def test_a_window_the_stats_do_not_cover_is_refused(redis: Redis, window_s: int) -> None:
     with pytest.raises(ValueError, match="window_s"):
         stats.read(redis, fresh_function(), window_s, now_s=NOW_S)

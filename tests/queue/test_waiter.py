@@ -8,8 +8,8 @@ from collections.abc import Callable
 import httpx
 from redis import Redis
 
-from tests.conftest import Proc, start_worker, wait_until
 from tests.gateway.test_api import PARKED_QUEUE
+from tests.helpers import Proc, start_worker, wait_until
 
 WAITERS = 1000
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import httpx
 from redis import Redis
 
-from tests.conftest import Proc, start_worker, wait_until
+from tests.helpers import Proc, start_worker, wait_until
 
 
 def test_sigterm_drains_the_task_in_hand_and_takes_nothing_new(

@@ -16,8 +16,8 @@ import pytest
 from moto.server import ThreadedMotoServer
 from redis import Redis
 
-from runq.storage import FileStore
-from tests.conftest import ROOT, Proc, free_port, start_gateway, start_worker, wait_until
+from runq.queue.storage import FileStore
+from tests.helpers import ROOT, Proc, free_port, start_gateway, start_worker, wait_until
 
 TARGET = str(ROOT / "tests" / "fns_storage.py")
 BUCKET = "runq-test"
