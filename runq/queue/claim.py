@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis import Redis
 from rq.job import JobStatus
 from rq.utils import now, utcformat
+from rq.worker import WorkerStatus
 
 from runq.queue import constants, lua
 from runq.queue.tasks import deadline_passed_error
 
 # Takes up to ARGV[1] ids off the function's queues, highest priority first, and marks every
-# still-queued task started under a lease. max_concurrency counts live leases across all
-# workers; lapsed ones (a crashed worker's) no longer hold a slot. Tasks whose deadline has
-# passed are ended here, never started.
+# still-queued task started under a lease, with an RQ execution as RQ's own worker would record
+# it (so `rq info` and rq-dashboard show it running). max_concurrency counts live leases across
+# all workers; lapsed ones (a crashed worker's) no longer hold a slot. Tasks whose deadline has
+# passed are ended here, never started; their waiters hear the bare id and re-read the task.
 # KEYS[1..3] the function's queue lists, highest priority first, KEYS[4] leases, KEYS[5] wake
-# list, KEYS[6] drain hash
+# list, KEYS[6] drain hash, KEYS[7] the worker's RQ hash, KEYS[8] the worker's executions set
 # ARGV[1] most tasks to take, ARGV[2] worker name, ARGV[3] now (RQ's time format, for display),
 # ARGV[4] runq error JSON for tasks past their deadline, ARGV[5] max_concurrency (0: no cap)
-# Returns {started, expired, at_capacity, server now}: started and expired are lists of
-# {id, flat job hash}; canceled or deleted tasks are skipped; at_capacity is 1 when every
-# concurrency slot was taken.
+# Returns {started, expired ids, at_capacity, server now}: started is a list of
+# {id, execution id, flat job hash}; canceled or deleted tasks are skipped; at_capacity is 1
+# when every concurrency slot was taken.
 CLAIM = lua.script(
     """
 local now = server_now()
@@ -53,24 +56,48 @@ local lease_until = now + LEASE_TTL_S
 local started, expired = {}, {}
 for _, id in ipairs(ids) do
   local key = JOB_PREFIX .. id
-  if redis.call('HGET', key, STATUS) == QUEUED then
-    local deadline = tonumber(redis.call('HGET', key, DEADLINE) or '')
+  local held = redis.call('HMGET', key, STATUS, DEADLINE, RESULT_TTL, ORIGIN, TIMEOUT, REPLY_TO)
+  if held[1] == QUEUED then
+    local deadline = tonumber(held[2] or '')
     if deadline and deadline <= now then
-      local ttl = tonumber(redis.call('HGET', key, RESULT_TTL) or DEFAULT_TTL_S)
-      local registry = CANCELED_PREFIX .. redis.call('HGET', key, ORIGIN)
+      local ttl = tonumber(held[3] or DEFAULT_TTL_S)
       redis.call('HSET', key, STATUS, CANCELED, ENDED_AT, ARGV[3], ERROR, ARGV[4])
-      redis.call('ZADD', registry, now + ttl, id)
+      redis.call('ZADD', CANCELED_PREFIX .. held[4], now + ttl, id)
       redis.call('EXPIRE', key, ttl)
-      expired[#expired + 1] = {id, redis.call('HGETALL', key)}
+      redis.call('PUBLISH', TASK_CHANNEL_PREFIX .. id, id)
+      if held[6] then
+        redis.call('PUBLISH', held[6], id)
+      end
+      expired[#expired + 1] = id
     else
       redis.call('HSET', key, STATUS, STARTED, STARTED_AT, ARGV[3], HEARTBEAT, ARGV[3],
                  WORKER_NAME, ARGV[2])
-      redis.call('HINCRBY', key, ATTEMPTS, 1)
+      local attempt = redis.call('HINCRBY', key, ATTEMPTS, 1)
       redis.call('PERSIST', key)
       redis.call('ZADD', KEYS[4], lease_until, id)
-      started[#started + 1] = {id, redis.call('HGETALL', key)}
+      -- RQ's execution of this run: its id only needs to be unique per job.
+      local execution = string.sub(redis.sha1hex(id .. ARGV[2] .. now .. attempt), 1, 32)
+      local composite = id .. ':' .. execution
+      local timeout = tonumber(held[5] or '0')
+      local ttl = MONITORING_S + GRACE_S
+      if timeout > 0 then
+        ttl = math.floor(math.min(timeout, MONITORING_S)) + GRACE_S
+      end
+      local execution_key = EXECUTION_PREFIX .. composite
+      redis.call('HSET', execution_key, EXECUTION_ID, execution, EXECUTION_JOB, id,
+                 CREATED_AT, now, HEARTBEAT, now, WORKER_NAME, ARGV[2])
+      redis.call('EXPIRE', execution_key, ttl)
+      redis.call('ZADD', EXECUTIONS_PREFIX .. id, math.floor(now) + ttl + GRACE_S, execution)
+      redis.call('EXPIRE', EXECUTIONS_PREFIX .. id, ttl + GRACE_S)
+      redis.call('ZADD', STARTED_PREFIX .. held[4], math.floor(now) + ttl, composite)
+      redis.call('SADD', KEYS[8], composite)
+      redis.call('EXPIRE', KEYS[8], ttl + GRACE_S)
+      started[#started + 1] = {id, execution, redis.call('HGETALL', key)}
     end
   end
+end
+if #started > 0 then
+  redis.call('HSET', KEYS[7], WORKER_STATE, BUSY)
 end
 if #ids > 0 then
   local rate = drain_rate(KEYS[6], now, DRAIN_WINDOW_S) + #ids / DRAIN_WINDOW_S
@@ -87,9 +114,19 @@ return {started, expired, at_capacity, tostring(now)}
     lua.DRAIN_RATE,
     JOB_PREFIX=constants.RQ_JOB_PREFIX,
     CANCELED_PREFIX=constants.RQ_CANCELED_PREFIX,
+    STARTED_PREFIX=constants.RQ_STARTED_PREFIX,
+    EXECUTION_PREFIX=constants.RQ_EXECUTION_PREFIX,
+    EXECUTIONS_PREFIX=constants.RQ_EXECUTIONS_PREFIX,
+    TASK_CHANNEL_PREFIX=constants.TASK_CHANNEL_PREFIX,
     STATUS=constants.STATUS_FIELD,
     ORIGIN=constants.ORIGIN_FIELD,
+    TIMEOUT=constants.TIMEOUT_FIELD,
     STARTED_AT=constants.STARTED_AT_FIELD,
+    CREATED_AT=constants.CREATED_AT_FIELD,
+    EXECUTION_ID=constants.EXECUTION_ID_FIELD,
+    EXECUTION_JOB=constants.EXECUTION_JOB_FIELD,
+    WORKER_STATE=constants.WORKER_STATE_FIELD,
+    BUSY=WorkerStatus.BUSY.value,
     ENDED_AT=constants.ENDED_AT_FIELD,
     HEARTBEAT=constants.HEARTBEAT_FIELD,
     WORKER_NAME=constants.WORKER_NAME_FIELD,
@@ -97,11 +134,14 @@ return {started, expired, at_capacity, tostring(now)}
     DEADLINE=constants.DEADLINE_FIELD,
     ERROR=constants.ERROR_FIELD,
     ATTEMPTS=constants.ATTEMPTS_FIELD,
+    REPLY_TO=constants.REPLY_TO_FIELD,
     QUEUED=JobStatus.QUEUED.value,
     STARTED=JobStatus.STARTED.value,
     CANCELED=JobStatus.CANCELED.value,
     DEFAULT_TTL_S=constants.DEFAULT_RESULT_TTL_S,
     LEASE_TTL_S=constants.LEASE_TTL_S,
+    MONITORING_S=constants.RQ_JOB_MONITORING_INTERVAL_S,
+    GRACE_S=constants.RQ_EXECUTION_GRACE_S,
     DRAIN_WINDOW_S=constants.DRAIN_RATE_WINDOW_S,
     DRAIN_TTL_S=constants.DRAIN_TTL_S,
 )
@@ -109,12 +149,21 @@ return {started, expired, at_capacity, tostring(now)}
 RawHash = dict[bytes, bytes]
 
 
+@dataclass(frozen=True)
+class Started:
+    """A task the claim marked started: its RQ execution's id and its job hash as it is now."""
+
+    task_id: str
+    execution_id: str
+    fields: RawHash
+
+
 @dataclass
 class Claimed:
     """Tasks a worker now owns (marked started, leased), and tasks found past their deadline."""
 
-    started: list[tuple[str, RawHash]] = field(default_factory=list)
-    expired: list[tuple[str, RawHash]] = field(default_factory=list)
+    started: list[Started] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
     # Every max_concurrency slot was taken: wait for one to free, not for new work.
     at_capacity: bool = False
     # The Redis server's clock at the claim, and ours, to turn server deadlines into time left.
@@ -145,6 +194,8 @@ class Claim:
             constants.leases_key(function),
             constants.wake_key(function),
             constants.drain_key(function),
+            constants.worker_key(worker_name),
+            constants.worker_executions_key(worker_name),
         ]
         self._wake_key = constants.wake_key(function)
         self._slots_key = constants.slots_key(function)
@@ -161,8 +212,8 @@ class Claim:
             ],
         )
         return Claimed(
-            started=_pairs(started),
-            expired=_pairs(expired),
+            started=[_started(row) for row in started],
+            expired=[task_id.decode() for task_id in expired],
             at_capacity=bool(at_capacity),
             server_now=float(server_now),
         )
@@ -174,9 +225,7 @@ class Claim:
         self._connection.blpop([self._slots_key if at_capacity else self._wake_key], block_s)
 
 
-def _pairs(rows: list[list[object]]) -> list[tuple[str, RawHash]]:
-    result = []
-    for task_id, flat in rows:
-        assert isinstance(task_id, bytes) and isinstance(flat, list)
-        result.append((task_id.decode(), dict(zip(flat[::2], flat[1::2], strict=True))))
-    return result
+def _started(row: list[Any]) -> Started:
+    task_id, execution_id, flat = row
+    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    return Started(task_id.decode(), execution_id.decode(), fields)

@@ -6,8 +6,8 @@ runq's keys sit under their own prefix.
 
 from __future__ import annotations
 
-from rq.defaults import RQ_KEY_PREFIX
-from rq.executions import ExecutionRegistry
+from rq.defaults import DEFAULT_JOB_MONITORING_INTERVAL, RQ_KEY_PREFIX
+from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE, ExecutionRegistry
 from rq.job import Job
 from rq.queue import Queue
 from rq.registry import (
@@ -17,6 +17,7 @@ from rq.registry import (
     StartedJobRegistry,
 )
 from rq.results import Result
+from rq.worker import Worker
 
 RUNQ_PREFIX = "runq:"
 QUEUE_NAME_PREFIX = "runq."
@@ -35,6 +36,15 @@ RQ_QUEUE_PREFIX = Queue.redis_queue_namespace_prefix
 RQ_STARTED_PREFIX = StartedJobRegistry.key_template.format("")
 RQ_FAILED_PREFIX = FailedJobRegistry.key_template.format("")
 RQ_CANCELED_PREFIX = CanceledJobRegistry.key_template.format("")
+RQ_FINISHED_PREFIX = FinishedJobRegistry.key_template.format("")
+RQ_RESULTS_PREFIX = str(Result.get_key(""))
+RQ_WORKER_PREFIX = Worker.redis_worker_namespace_prefix
+# RQ keeps a result stream this long (XADD MAXLEN ~), and an execution's record this long past
+# its heartbeat TTL (an execution's TTL is RQ's job monitoring interval, at most the job's
+# timeout, plus RQ_EXECUTION_GRACE_S).
+RQ_RESULTS_MAX = 10
+RQ_JOB_MONITORING_INTERVAL_S = DEFAULT_JOB_MONITORING_INTERVAL
+RQ_EXECUTION_GRACE_S = 60
 
 # Job hash fields, RQ's: the scripts read and write them as RQ's own Job would.
 STATUS_FIELD = "status"
@@ -46,6 +56,12 @@ HEARTBEAT_FIELD = "last_heartbeat"
 WORKER_NAME_FIELD = "worker_name"
 RESULT_TTL_FIELD = "result_ttl"
 FAILURE_TTL_FIELD = "failure_ttl"
+TIMEOUT_FIELD = "timeout"
+# RQ's execution hash fields (beside CREATED_AT, HEARTBEAT and WORKER_NAME), and its worker
+# hash's state field.
+EXECUTION_ID_FIELD = "id"
+EXECUTION_JOB_FIELD = "job_id"
+WORKER_STATE_FIELD = "state"
 # Job hash fields runq adds; RQ ignores fields it does not know.
 ERROR_FIELD = "runq_error"
 ATTEMPTS_FIELD = "runq_attempts"
@@ -216,6 +232,14 @@ def job_key(task_id: str) -> str:
 
 def results_key(task_id: str) -> str:
     return str(Result.get_key(task_id))
+
+
+def worker_key(worker_name: str) -> str:
+    return RQ_WORKER_PREFIX + worker_name
+
+
+def worker_executions_key(worker_name: str) -> str:
+    return WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker_name)
 
 
 def executions_key(task_id: str) -> str:

@@ -1,57 +1,197 @@
-"""Recording a batch in RQ's own layout: executions at the start, outcomes at the end.
+"""Recording a batch: every task's outcome, in RQ's own layout, in one script call.
 
-This is the one module that uses RQ's private API (``Job._handle_success``,
-``Job._handle_failure``, ``Job._result``), so the ``rq>=3,<4`` pin has one place to audit: RQ's
-tools (`rq info`, `rq requeue`, rq-dashboard, ``Job.fetch``) read what it writes. Every write of
-a batch is pipelined: one round trip per batch, not per task.
+The script writes what RQ 3's worker would (the job hash, the results stream, the finished or
+failed registry, the end of the execution the claim created, the worker's counters and state)
+and runq's own bookkeeping (leases, slots, stats, webhook deliveries), then publishes one reply
+per waiting gateway with all of that gateway's tasks, and each task's id on its own channel.
+RQ's tools (`rq info`, `rq requeue`, rq-dashboard, ``Job.fetch``) read what it writes; the RQ
+compatibility tests hold it to that, and the ``rq>=3,<4`` pin guards the layout.
+
+A task is written only while it is still this worker's (started, by this worker), checked in
+the same atomic step: a cancel or delete that landed while the batch ran stands, and a task
+whose lease lapsed and was re-queued to another worker is no longer this one's to end.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import zlib
+from base64 import b64encode
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from redis.client import Pipeline
-from redis.exceptions import WatchError
-from rq.executions import Execution
-from rq.job import Job, JobStatus
+from redis import Redis
+from rq.job import JobStatus
+from rq.results import Result
 from rq.serializers import JSONSerializer
-from rq.utils import now, utcformat
-from rq.worker import SimpleWorker, WorkerStatus
+from rq.utils import now, utcformat, utcparse
+from rq.worker import WorkerStatus
 
-from runq.metrics import metrics
-from runq.queue import constants, lua, stats, webhooks
-from runq.queue.claim import Claimed, RawHash
-from runq.queue.tasks import (
-    OUTPUT_REF,
-    Outcome,
-    TaskStatus,
-    error_json,
-    field_text,
-    final_status,
-    reply_channel,
-    task_view,
-)
+from runq.queue import constants, lua, stats
+from runq.queue.claim import RawHash, Started
+from runq.queue.tasks import OUTPUT_REF, Outcome, error_json, final_status, task_view
 
-# Which tasks of a batch a worker still owns: started, and by this worker. A task whose lease
-# lapsed may have been re-queued and started by another worker; its outcome is no longer ours.
-# KEYS job hashes; ARGV[1] worker name. Returns 1 or 0 per key.
-OWNED = lua.script(
+# Arguments per task, after the batch's own four.
+_TASK_ARGS = 10
+
+# KEYS[1] leases, KEYS[2] slot list, KEYS[3] the worker's RQ hash, KEYS[4] its executions set
+# ARGV[1] worker name, ARGV[2] ended_at (RQ's time format), ARGV[3] function name,
+# ARGV[4] max_concurrency (0: no cap); then per task, _TASK_ARGS values: id, execution id,
+# its queue, result type (RQ's: 1 succeeded, 2 failed), return value (succeeded: RQ's
+# base64 JSON, '' for none) or error JSON, stored output's key ('' none) or RQ's exception
+# string, the task JSON for its waiter, the webhook body ('' none), stats status field, stats
+# latency bucket field.
+# Returns 1 or 0 per task: written, or no longer this worker's.
+RECORD = lua.script(
     """
-local result = {}
-for i, key in ipairs(KEYS) do
-  local held = redis.call('HMGET', key, STATUS, WORKER_NAME)
-  result[i] = (held[1] == STARTED and held[2] == ARGV[1]) and 1 or 0
+local now = server_now()
+local worker, ended_at = ARGV[1], ARGV[2]
+local replies, channels, written, counts = {}, {}, {}, {}
+local succeeded, failed, ended = 0, 0, 0
+for i = 5, #ARGV, TASK_ARGS do
+  local id, execution, queue, kind = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local key = JOB_PREFIX .. id
+  local composite = id .. ':' .. execution
+  local execution_key = EXECUTION_PREFIX .. composite
+  local held = redis.call('HMGET', key, STATUS, WORKER_NAME, RESULT_TTL, FAILURE_TTL, REPLY_TO,
+                          WEBHOOK)
+  local mine = held[1] == STARTED and held[2] == worker
+  written[#written + 1] = mine and 1 or 0
+  if mine then
+    ended = ended + 1
+    local results = RESULTS_PREFIX .. id
+    local entry = {'type', kind, 'worker_name', worker}
+    local ttl, registry
+    if kind == SUCCESSFUL then
+      succeeded = succeeded + 1
+      ttl = tonumber(held[3] or DEFAULT_TTL_S)
+      registry = FINISHED_PREFIX .. queue
+      redis.call('HSET', key, STATUS, FINISHED, ENDED_AT, ended_at)
+      if ARGV[i + 5] ~= '' then
+        redis.call('HSET', key, OUTPUT_REF, ARGV[i + 5])
+      end
+      if ARGV[i + 4] ~= '' then
+        entry[#entry + 1] = 'return_value'
+        entry[#entry + 1] = ARGV[i + 4]
+      end
+    else
+      failed = failed + 1
+      ttl = tonumber(held[4] or DEFAULT_TTL_S)
+      registry = FAILED_PREFIX .. queue
+      redis.call('HSET', key, STATUS, FAILED_STATUS, ENDED_AT, ended_at, ERROR, ARGV[i + 4])
+      entry[#entry + 1] = 'exc_string'
+      entry[#entry + 1] = ARGV[i + 5]
+    end
+    local started_at = redis.call('HGET', execution_key, CREATED_AT)
+    entry[#entry + 1] = 'execution_id'
+    entry[#entry + 1] = execution
+    if started_at then
+      entry[#entry + 1] = 'execution_started_at'
+      entry[#entry + 1] = started_at
+    end
+    entry[#entry + 1] = 'execution_ended_at'
+    entry[#entry + 1] = now
+    redis.call('XADD', results, 'MAXLEN', '~', RESULTS_MAX, '*', unpack(entry))
+    redis.call('EXPIRE', results, ttl)
+    redis.call('ZADD', registry, math.floor(now) + ttl, id)
+    redis.call('EXPIRE', key, ttl)
+    if held[5] then
+      if not replies[held[5]] then
+        replies[held[5]] = {}
+        channels[#channels + 1] = held[5]
+      end
+      local views = replies[held[5]]
+      views[#views + 1] = ARGV[i + 6]
+    end
+    redis.call('PUBLISH', TASK_CHANNEL_PREFIX .. id, id)
+    if held[6] and ARGV[i + 7] ~= '' then
+      local delivery = WEBHOOK_PREFIX .. id
+      redis.call('DEL', delivery)
+      redis.call('HSET', delivery, WEBHOOK_URL, held[6], WEBHOOK_BODY, ARGV[i + 7],
+                 WEBHOOK_ATTEMPTS, 0)
+      redis.call('EXPIRE', delivery, WEBHOOK_TTL_S)
+      redis.call('ZADD', WEBHOOKS_DUE_KEY, now, id)
+    end
+    counts[ARGV[i + 8]] = (counts[ARGV[i + 8]] or 0) + 1
+    counts[ARGV[i + 9]] = (counts[ARGV[i + 9]] or 0) + 1
+  end
+  -- The run is over whoever owns the task now: its execution ends with it.
+  redis.call('DEL', execution_key)
+  redis.call('ZREM', STARTED_PREFIX .. queue, composite)
+  redis.call('ZREM', EXECUTIONS_PREFIX .. id, execution)
+  redis.call('SREM', KEYS[4], composite)
+  redis.call('ZREM', KEYS[1], id)
 end
-return result
+if succeeded > 0 then
+  redis.call('HINCRBY', KEYS[3], 'successful_job_count', succeeded)
+end
+if failed > 0 then
+  redis.call('HINCRBY', KEYS[3], 'failed_job_count', failed)
+end
+local cap = tonumber(ARGV[4])
+if cap > 0 then
+  -- Wake as many workers as slots were freed; more tokens than slots wake no one new.
+  for _ = 1, #written do
+    redis.call('LPUSH', KEYS[2], '1')
+  end
+  redis.call('LTRIM', KEYS[2], 0, cap - 1)
+end
+if ended > 0 then
+  local stats_key = STATS_PREFIX .. ARGV[3] .. ':' .. math.floor(now)
+  for field, count in pairs(counts) do
+    redis.call('HINCRBY', stats_key, field, count)
+  end
+  redis.call('EXPIRE', stats_key, STATS_TTL_S)
+  redis.call('SADD', FUNCTIONS_KEY, ARGV[3])
+end
+redis.call('HSET', KEYS[3], WORKER_STATE, IDLE)
+for _, channel in ipairs(channels) do
+  redis.call('PUBLISH', channel, '[' .. table.concat(replies[channel], ',') .. ']')
+end
+return written
 """,
+    lua.SERVER_NOW,
+    TASK_ARGS=_TASK_ARGS,
+    JOB_PREFIX=constants.RQ_JOB_PREFIX,
+    EXECUTION_PREFIX=constants.RQ_EXECUTION_PREFIX,
+    EXECUTIONS_PREFIX=constants.RQ_EXECUTIONS_PREFIX,
+    STARTED_PREFIX=constants.RQ_STARTED_PREFIX,
+    FINISHED_PREFIX=constants.RQ_FINISHED_PREFIX,
+    FAILED_PREFIX=constants.RQ_FAILED_PREFIX,
+    RESULTS_PREFIX=constants.RQ_RESULTS_PREFIX,
+    RESULTS_MAX=constants.RQ_RESULTS_MAX,
+    TASK_CHANNEL_PREFIX=constants.TASK_CHANNEL_PREFIX,
+    WEBHOOK_PREFIX=constants.WEBHOOK_PREFIX,
+    WEBHOOKS_DUE_KEY=constants.WEBHOOKS_DUE_KEY,
+    WEBHOOK_URL=constants.WEBHOOK_URL_FIELD,
+    WEBHOOK_BODY=constants.WEBHOOK_BODY_FIELD,
+    WEBHOOK_ATTEMPTS=constants.WEBHOOK_ATTEMPTS_FIELD,
+    WEBHOOK_TTL_S=constants.WEBHOOK_TTL_S,
+    STATS_PREFIX=constants.STATS_PREFIX,
+    STATS_TTL_S=constants.STATS_TTL_S,
+    FUNCTIONS_KEY=constants.FUNCTIONS_KEY,
     STATUS=constants.STATUS_FIELD,
     WORKER_NAME=constants.WORKER_NAME_FIELD,
+    RESULT_TTL=constants.RESULT_TTL_FIELD,
+    FAILURE_TTL=constants.FAILURE_TTL_FIELD,
+    REPLY_TO=constants.REPLY_TO_FIELD,
+    WEBHOOK=constants.WEBHOOK_FIELD,
+    ENDED_AT=constants.ENDED_AT_FIELD,
+    CREATED_AT=constants.CREATED_AT_FIELD,
+    ERROR=constants.ERROR_FIELD,
+    OUTPUT_REF=constants.OUTPUT_REF_FIELD,
+    WORKER_STATE=constants.WORKER_STATE_FIELD,
     STARTED=JobStatus.STARTED.value,
+    FINISHED=JobStatus.FINISHED.value,
+    FAILED_STATUS=JobStatus.FAILED.value,
+    IDLE=WorkerStatus.IDLE.value,
+    SUCCESSFUL=str(Result.Type.SUCCESSFUL.value),
+    DEFAULT_TTL_S=constants.DEFAULT_RESULT_TTL_S,
 )
+
+_SUCCESSFUL = str(Result.Type.SUCCESSFUL.value)
+_FAILED = str(Result.Type.FAILED.value)
 
 
 @dataclass
@@ -59,175 +199,91 @@ class Running:
     """A task of the batch in hand."""
 
     task_id: str
+    execution_id: str
     fields: RawHash
-    job: Job
-    execution: Execution
+    # When it was created, epoch seconds (for latencies).
+    created_s: float
     # The input, once loaded (kept for the prediction log).
     payload: Any = None
 
+    @classmethod
+    def claimed(cls, started: Started) -> Running:
+        created = utcparse(started.fields[constants.CREATED_AT_FIELD.encode()].decode())
+        return cls(started.task_id, started.execution_id, started.fields, created.timestamp())
 
-Execute = Callable[[list[Running]], list[Outcome]]
+    @property
+    def queue(self) -> str:
+        return self.fields[constants.ORIGIN_FIELD.encode()].decode()
 
 
 class Recorder:
-    """Writes one worker's batches: ``start`` them, then ``run_and_record`` them."""
+    """Writes one worker's batches, one script call each."""
 
-    def __init__(self, worker: SimpleWorker, function: str) -> None:
-        self.worker = worker
-        self.function = function
-        self._leases_key = constants.leases_key(function)
-        self._slots_key = constants.slots_key(function)
-
-    def start(self, claimed: Claimed) -> list[Running]:
-        """Creates RQ executions for the claimed tasks and announces expired ones."""
-        worker = self.worker
-        running = []
-        with worker.connection.pipeline(transaction=False) as pipe:
-            for task_id, fields in claimed.started:
-                job = Job(task_id, connection=worker.connection, serializer=JSONSerializer)
-                job.restore(fields)
-                execution = Execution.create(
-                    job, worker.get_heartbeat_ttl(job), pipeline=pipe, worker_name=worker.name
-                )
-                worker.executions[execution.id] = execution
-                running.append(Running(task_id, fields, job, execution))
-            for task_id, fields in claimed.expired:
-                _publish(pipe, task_id, fields, task_view(task_id, fields))
-            if claimed.expired:
-                expired = metrics().tasks.labels(self.function, TaskStatus.TIMED_OUT.value)
-                expired.inc(len(claimed.expired))
-            if running:
-                worker.set_state(WorkerStatus.BUSY, pipeline=pipe)
-            pipe.execute()
-        return running
-
-    def run_and_record(
-        self, running: list[Running], execute: Execute, max_concurrency: int | None
-    ) -> list[Outcome | None]:
-        """Runs the tasks still ours and writes their outcomes; None: no longer ours.
-
-        The batch's job hashes are watched from before the run to the record, and re-checked
-        once watched: a cancel or delete that lands at any point after the claim is seen, and
-        its new state stands instead of the outcome.
-        """
-        keys = [task.job.key for task in running]
-        with self.worker.connection.pipeline() as pipe:
-            pipe.watch(*keys)
-            owned = self._owned(pipe, keys)
-            outcomes = iter(
-                execute([task for task, ours in zip(running, owned, strict=True) if ours])
-            )
-            results = [next(outcomes) if ours else None for ours in owned]
-            return self._record(pipe, running, results, max_concurrency)
-
-    def _owned(self, pipe: Pipeline, keys: Sequence[str]) -> list[bool]:
-        owned = pipe.eval(OWNED, len(keys), *keys, self.worker.name)
-        return [bool(flag) for flag in owned]
-
-    def _record(
-        self,
-        pipe: Pipeline,
-        running: list[Running],
-        outcomes: list[Outcome | None],
-        max_concurrency: int | None,
-    ) -> list[Outcome | None]:
-        ended = now()
-        keys = [task.job.key for task in running]
-        while True:
-            try:
-                pipe.multi()
-                self._write(pipe, running, outcomes, ended, max_concurrency)
-                pipe.execute()
-                return outcomes
-            except WatchError:
-                # A task of this batch was canceled or deleted while it ran: record outcomes
-                # only for tasks still marked started.
-                pipe.reset()
-                pipe.watch(*keys)
-                still = self._owned(pipe, keys)
-                outcomes = [o if ours else None for o, ours in zip(outcomes, still, strict=True)]
-
-    def _write(
-        self,
-        pipe: Pipeline,
-        running: list[Running],
-        outcomes: list[Outcome | None],
-        ended: datetime,
-        max_concurrency: int | None,
-    ) -> None:
-        for task, outcome in zip(running, outcomes, strict=True):
-            if outcome is not None:
-                self._write_one(pipe, task, outcome, ended)
-            self.worker.cleanup_execution(task.job, pipeline=pipe, execution=task.execution)
-        self._release_slots(pipe, running, max_concurrency)
-        latencies = [
-            (final_status(outcome), (ended - task.job.created_at).total_seconds())
-            for task, outcome in zip(running, outcomes, strict=True)
-            if outcome is not None
+    def __init__(self, connection: Redis, function: str, worker_name: str) -> None:
+        self._script = connection.register_script(RECORD)
+        self._function = function
+        self._worker_name = worker_name
+        self._keys = [
+            constants.leases_key(function),
+            constants.slots_key(function),
+            constants.worker_key(worker_name),
+            constants.worker_executions_key(worker_name),
         ]
-        stats.record(pipe, self.function, latencies, ended.timestamp())
-        self.worker.set_state(WorkerStatus.IDLE, pipeline=pipe)
 
-    def _release_slots(
-        self, pipe: Pipeline, running: list[Running], max_concurrency: int | None
-    ) -> None:
-        pipe.zrem(self._leases_key, *(task.task_id for task in running))
-        if max_concurrency is not None:
-            # Wake as many workers as slots were freed; more tokens than slots wake no one new.
-            pipe.lpush(self._slots_key, *[1] * len(running))
-            pipe.ltrim(self._slots_key, 0, max_concurrency - 1)
-
-    def _write_one(self, pipe: Pipeline, task: Running, outcome: Outcome, ended: datetime) -> None:
-        job, execution = task.job, task.execution
-        job.ended_at = ended
-        timing: dict[str, Any] = {
-            "worker_name": self.worker.name,
-            "execution_id": execution.id,
-            "execution_started_at": execution.created_at,
-            "execution_ended_at": ended,
-        }
-        fields = dict(task.fields)
-        fields[constants.ENDED_AT_FIELD.encode()] = utcformat(ended).encode()
-        if outcome.ok:
-            job._result = outcome.output
-            job._handle_success(job.result_ttl, pipeline=pipe, **timing)
-            job.cleanup(job.result_ttl, pipeline=pipe, remove_from_queue=False)
-            self.worker.increment_successful_job_count(pipeline=pipe)
-            fields[constants.STATUS_FIELD.encode()] = JobStatus.FINISHED.value.encode()
-            view = task_view(task.task_id, fields)
-            if outcome.output_ref is None:
-                view["output"] = outcome.output
-            else:
-                pipe.hset(job.key, constants.OUTPUT_REF_FIELD, outcome.output_ref)
-                view[OUTPUT_REF] = outcome.output_ref
-        else:
-            assert outcome.error_code is not None
-            error = error_json(outcome.error_code, outcome.error_message)
-            job.set_status(JobStatus.FAILED, pipeline=pipe)
-            job._handle_failure(outcome.traceback, pipeline=pipe, **timing)
-            pipe.hset(
-                job.key,
-                mapping={constants.ERROR_FIELD: error, constants.ENDED_AT_FIELD: utcformat(ended)},
-            )
-            pipe.expire(job.key, job.failure_ttl or constants.DEFAULT_RESULT_TTL_S)
-            self.worker.increment_failed_job_count(pipeline=pipe)
-            fields[constants.STATUS_FIELD.encode()] = JobStatus.FAILED.value.encode()
-            fields[constants.ERROR_FIELD.encode()] = error.encode()
-            view = task_view(task.task_id, fields)
-        _publish(pipe, task.task_id, fields, view)
-        _deliver_webhook(pipe, task, view)
+    def record(
+        self, tasks: Sequence[Running], outcomes: Sequence[Outcome], max_concurrency: int | None
+    ) -> list[Outcome | None]:
+        """Writes the outcomes; returns those written (None: the task was no longer ours)."""
+        ended = now()
+        ended_at = utcformat(ended)
+        args: list[Any] = [self._worker_name, ended_at, self._function, max_concurrency or 0]
+        for task, outcome in zip(tasks, outcomes, strict=True):
+            args += _task_args(task, outcome, ended_at, ended.timestamp() - task.created_s)
+        written = self._script(keys=self._keys, args=args)
+        return [o if w else None for o, w in zip(outcomes, written, strict=True)]
 
 
-def _deliver_webhook(pipe: Pipeline, task: Running, view: dict[str, Any]) -> None:
-    webhook = field_text(task.fields, constants.WEBHOOK_FIELD)
-    if webhook is not None:
+def _task_args(task: Running, outcome: Outcome, ended_at: str, latency_s: float) -> list[Any]:
+    fields = dict(task.fields)
+    fields[constants.ENDED_AT_FIELD.encode()] = ended_at.encode()
+    if outcome.ok:
+        kind, extra = _SUCCESSFUL, outcome.output_ref or ""
+        value = "" if outcome.output is None else _return_value(outcome.output)
+        fields[constants.STATUS_FIELD.encode()] = JobStatus.FINISHED.value.encode()
+        view = task_view(task.task_id, fields)
+        view["output"] = outcome.output
+    else:
+        assert outcome.error_code is not None
+        kind, value = _FAILED, error_json(outcome.error_code, outcome.error_message)
+        extra = b64encode(zlib.compress(outcome.traceback.encode())).decode()
+        fields[constants.STATUS_FIELD.encode()] = JobStatus.FAILED.value.encode()
+        fields[constants.ERROR_FIELD.encode()] = value.encode()
+        view = task_view(task.task_id, fields)
+    webhook_body = ""
+    if constants.WEBHOOK_FIELD.encode() in fields:
         # A stored output is not sent: the receiver fetches it from the task's result.
-        public = {key: value for key, value in view.items() if key != OUTPUT_REF}
-        webhooks.enqueue(pipe, task.task_id, webhook, json.dumps(public).encode())
+        webhook_body = json.dumps(view if outcome.output_ref is None else _without_output(view))
+    if outcome.output_ref is not None:
+        view = _without_output(view) | {OUTPUT_REF: outcome.output_ref}
+    status = final_status(outcome)
+    return [
+        task.task_id,
+        task.execution_id,
+        task.queue,
+        kind,
+        value,
+        extra,
+        json.dumps(view),
+        webhook_body,
+        str(status),
+        stats.bucket_field(latency_s),
+    ]
 
 
-def _publish(pipe: Pipeline, task_id: str, fields: RawHash, view: dict[str, Any]) -> None:
-    reply_to = reply_channel(fields)
-    if reply_to is not None:
-        pipe.publish(reply_to, json.dumps(view))
-    pipe.publish(constants.task_channel(task_id), task_id)
+def _return_value(output: Any) -> str:
+    # RQ's results stream holds the serialized return value, base64 encoded.
+    return b64encode(JSONSerializer.dumps(output)).decode()
+
+
+def _without_output(view: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in view.items() if key != "output"}

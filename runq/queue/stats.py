@@ -81,7 +81,7 @@ def record(
         if status not in ENDED:
             raise ValueError(f"{status!r} is not an ended status: one of {', '.join(ENDED)}")
         fields[str(status)] += 1
-        fields[BUCKET_FIELD_PREFIX + str(bucket_of(latency_s))] += 1
+        fields[bucket_field(latency_s)] += 1
     key = constants.stats_key(function, math.floor(now_s))
     for field, count in fields.items():
         pipe.hincrby(key, field, count)
@@ -127,6 +127,11 @@ def merged(hashes: Iterable[Mapping[bytes, bytes]], window_s: int) -> WindowStat
         p50_s=percentile_s(buckets, 0.50),
         p99_s=percentile_s(buckets, 0.99),
     )
+
+
+def bucket_field(latency_s: float) -> str:
+    """The hash field counting a latency's bucket."""
+    return BUCKET_FIELD_PREFIX + str(bucket_of(latency_s))
 
 
 def bucket_of(latency_s: float) -> int:

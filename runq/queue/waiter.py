@@ -159,7 +159,11 @@ class TaskWaiter:
                     future.set_result(None)
         elif kind == "message":
             data: bytes = message["data"]
-            if data.startswith(b"{"):
+            if data.startswith(b"["):
+                # A worker's batch: every task of it this gateway waits on, in one message.
+                for task in json.loads(data):
+                    self._resolve(task["id"], task)
+            elif data.startswith(b"{"):
                 task = json.loads(data)
                 self._resolve(task["id"], task)
             else:

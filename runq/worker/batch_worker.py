@@ -96,7 +96,7 @@ class BatchWorker(SimpleWorker):
         self.settings = settings
         self.runner = ModelRunner(function)
         self.collector = BatchCollector(connection, function, settings, self.name)
-        self.recorder = Recorder(self, function.name)
+        self.recorder = Recorder(connection, function.name, self.name)
         self.leases = LeaseKeeper(connection, function.name, self.name)
         self.reaper = Reaper(connection, function.name, settings.retries)
         self.live = live
@@ -181,25 +181,22 @@ class BatchWorker(SimpleWorker):
     # one batch ------------------------------------------------------------------------------
 
     def process(self, claimed: Claimed) -> None:
-        running = self.recorder.start(claimed)
-        if not running:
+        if claimed.expired:
+            expired = metrics().tasks.labels(self.function.name, TaskStatus.TIMED_OUT.value)
+            expired.inc(len(claimed.expired))
+        if not claimed.started:
             return
-        self.leases.hold([task.task_id for task in running])
-        run_ms = 0.0
-
-        def execute(mine: list[Running]) -> list[Outcome]:
-            nonlocal run_ms
-            run_started = time.perf_counter()
-            outcomes = self._execute(mine, claimed)
-            run_ms = (time.perf_counter() - run_started) * 1000
-            return outcomes
-
-        results = self.recorder.run_and_record(running, execute, self.settings.max_concurrency)
+        tasks = [Running.claimed(started) for started in claimed.started]
+        self.leases.hold([task.task_id for task in tasks])
+        run_started = time.perf_counter()
+        outcomes = self._execute(tasks, claimed)
+        run_ms = (time.perf_counter() - run_started) * 1000
+        results = self.recorder.record(tasks, outcomes, self.settings.max_concurrency)
         self.leases.release()
         self.batches_run += 1
-        self._observe(running, results, run_ms)
+        self._observe(tasks, results, run_ms, claimed.server_now)
         if self.predictions is not None and self.settings.log_predictions > 0:
-            self._log_predictions(self.predictions, running, results)
+            self._log_predictions(self.predictions, tasks, results)
 
     def _log_predictions(
         self, log: PredictionLog, running: list[Running], results: list[Outcome | None]
@@ -208,7 +205,7 @@ class BatchWorker(SimpleWorker):
         for task, outcome in zip(running, results, strict=True):
             if outcome is None or random.random() >= self.settings.log_predictions:
                 continue
-            latency_s = ended - task.job.created_at.timestamp()
+            latency_s = ended - task.created_s
             log.add(
                 prediction_record(
                     self.function.name, task.task_id, task.payload, outcome, latency_s
@@ -216,7 +213,11 @@ class BatchWorker(SimpleWorker):
             )
 
     def _observe(
-        self, running: list[Running], results: list[Outcome | None], run_ms: float
+        self,
+        running: list[Running],
+        results: list[Outcome | None],
+        run_ms: float,
+        started_s: float,
     ) -> None:
         """The batch's metrics and its log line (task ids, never inputs or outputs)."""
         name = self.function.name
@@ -224,8 +225,7 @@ class BatchWorker(SimpleWorker):
         m.batch_size.labels(name).observe(len(running))
         m.execution.labels(name).observe(run_ms / 1000)
         for task in running:
-            waited = task.execution.created_at - task.job.created_at
-            m.queue_wait.labels(name).observe(max(waited.total_seconds(), 0.0))
+            m.queue_wait.labels(name).observe(max(started_s - task.created_s, 0.0))
         counts = Counter(final_status(outcome) for outcome in results)
         for status, count in counts.items():
             m.tasks.labels(name, status.value).inc(count)
