@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMTOOL := $(BIN)/promtool
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test test-all lint bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,26 @@ lint: $(STAMP)
 test: lint $(PROMTOOL)
 	$(BIN)/pytest -q
 
+# Everything, the soak and load runs marked slow included (`make test` leaves them out).
+test-all: lint $(PROMTOOL)
+	$(BIN)/pytest -q -m ""
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+# runq's echo against other serving stacks' (BentoML 1.4), each peer in its own venv under build/
+# so its dependencies never meet runq's. Not part of `make test` or `make bench`.
+PEERS_VENV := build/peers-venv
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP):
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install --quiet 'bentoml>=1.4,<1.5'
+	touch $(PEERS_STAMP)
+
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	$(BIN)/python benchmarks/peers.py --bentoml-python $(PEERS_VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,3 +168,12 @@ def cell(value: float | None, width: int, decimals: int = 2, scale: float = 1.0)
 
 def verdict(ok: bool, target: str) -> str:
     return f"{'MET ' if ok else 'MISSED'} ({target})"
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM takes the same path as Ctrl-C, so the servers' `finally` blocks still run."""
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)

@@ -1,17 +1,23 @@
-"""Benchmarks runq against the two things it should come close to, and under overload.
+"""Benchmarks runq against what it should come close to or beat, and under overload.
 
 1. Echo: a bare FastAPI echo app versus runq's echo predict, under the same wrk load at
-   concurrency 1, 16 and 64. Shows what the queue and the worker cost per request.
+   concurrency 1, 16 and 64. Shows what the queue and the worker cost per request: next to the
+   rates, the CPU each process role spent per request (gateway, worker, Redis; from /proc, see
+   benchmarks/cost.py) and the Redis commands per request.
 2. Embedding: all-MiniLM-L6-v2 called directly at batch 32 versus runq's embed predict at
-   concurrency 64 (one sentence per request). Shows how much of the model's rate survives serving.
-3. Overload: a fixed-cost function driven open-loop at 10x its measured capacity for
+   concurrency 64 (one sentence per request), with the same per-request costs. Shows how much
+   of the model's rate survives serving.
+3. Drain: 20,000 background tasks queued with no worker, then drained by one runq worker,
+   against a stock RQ SimpleWorker draining 20,000 jobs (benchmarks/drain.py).
+4. Overload: a fixed-cost function driven open-loop at 10x its measured capacity for
    2 x --duration seconds, against 0.5x for --duration (benchmarks/overload.py). Shows that
    admitted requests stay fast and the overflow gets fast 503s.
-4. Lifecycle: the first answer from zero workers against the function's setup() time, and the
+5. Lifecycle: the first answer from zero workers against the function's setup() time, and the
    time until a task whose worker got SIGKILL is re-queued or failed worker_lost
    (benchmarks/lifecycle.py).
 
-    python benchmarks/run.py [--duration S] [--only echo|embed|overload|lifecycle] [--json PATH]
+    python benchmarks/run.py [--duration S] [--only echo|embed|drain|overload|lifecycle]
+                             [--json PATH]
 
 Echo and embedding need wrk on PATH (Debian: apt-get install wrk). Every server listens on
 127.0.0.1 on a free port and is stopped before this exits, Ctrl-C included.
@@ -25,25 +31,28 @@ import os
 import platform
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
+from cost import Cost, CostMeter, redis_url_in_tree, top_text
+from drain import bench_drain, print_drain
+from drain import had_errors as drain_had_errors
 from harness import (
     BenchError,
     Server,
     after_readyz,
+    cell,
     free_port,
     post_json,
     report_problems,
     runq_serve_argv,
     serving,
+    stop_on_sigterm,
     verdict,
 )
 from lifecycle import bench_lifecycle, print_lifecycle
@@ -70,7 +79,7 @@ MAX_ADDED_P50_MS_C1 = 1.5
 MIN_EMBED_RATIO = 0.90
 
 # Benchmarks that drive the servers themselves, without wrk.
-NO_WRK = ("overload", "lifecycle")
+NO_WRK = ("drain", "overload", "lifecycle")
 
 
 @dataclass
@@ -84,6 +93,8 @@ class LoadResult:
     non2xx: int
     non2xx_codes: str
     socket_errors: int
+    # Per request completed: CPU µs by process role and Redis commands, over the wrk run.
+    cost: Cost = field(default_factory=Cost)
 
 
 # inputs ----------------------------------------------------------------------------------------
@@ -185,8 +196,18 @@ def run_wrk(url: str, bodies: Path, concurrency: int, duration_s: float) -> dict
     raise BenchError(f"wrk gave no result (exit {done.returncode}):\n{done.stdout}{done.stderr}")
 
 
-def measure(target: str, url: str, bodies: Path, concurrency: int, duration_s: float) -> LoadResult:
+def measure(
+    target: str,
+    url: str,
+    bodies: Path,
+    concurrency: int,
+    duration_s: float,
+    meter: CostMeter | None = None,
+) -> LoadResult:
+    if meter is not None:
+        meter.start()
     raw = run_wrk(url, bodies, concurrency, duration_s)
+    cost = meter.stop(raw["requests"]) if meter is not None else Cost()
     socket_errors = sum(
         raw[key] for key in ("connect_errors", "read_errors", "write_errors", "timeouts")
     )
@@ -200,7 +221,14 @@ def measure(target: str, url: str, bodies: Path, concurrency: int, duration_s: f
         non2xx=raw["non2xx"],
         non2xx_codes=raw["non2xx_codes"],
         socket_errors=socket_errors,
+        cost=cost,
     )
+
+
+def cost_meter(server: Server) -> CostMeter:
+    """Meters the server's process tree, and its Redis when one runs in it (`runq serve`)."""
+    assert server.process is not None
+    return CostMeter([server.process.pid], redis_url_in_tree(server.process.pid))
 
 
 def warm_up(url: str, bodies: Path, concurrency: int) -> None:
@@ -253,10 +281,14 @@ def _bench_echo_target(
     print(f"  {target}: starting {server.name}", flush=True)
     with serving(server, check):
         warm_up(url, bodies, max(CONCURRENCIES))
-        for concurrency in CONCURRENCIES:
-            result = measure(target, url, bodies, concurrency, duration_s)
-            print(f"  {target} c={concurrency}: {result.rps:,.0f} req/s", flush=True)
-            results.append(result)
+        meter = cost_meter(server)
+        try:
+            for concurrency in CONCURRENCIES:
+                result = measure(target, url, bodies, concurrency, duration_s, meter)
+                print(f"  {target} c={concurrency}: {result.rps:,.0f} req/s", flush=True)
+                results.append(result)
+        finally:
+            meter.close()
     report_problems(server)
     return results
 
@@ -280,7 +312,11 @@ def echo_ratios(results: list[LoadResult]) -> list[dict[str, Any]]:
 
 def print_echo(results: list[LoadResult], ratios: list[dict[str, Any]], duration_s: float) -> None:
     print(f"\nEcho: bare FastAPI vs runq predict (wrk -t1, {duration_s:g} s per row)")
-    print(_load_table(results))
+    print(load_table(results))
+    print(COST_LEGEND)
+    for r in results:
+        if r.cost.redis_top:
+            print(f"  {r.target} c={r.concurrency} Redis commands per request: {top_text(r.cost)}")
     print(f"\n{'conc':>4}  {'runq/bare req/s':>15}  {'added p50 ms':>12}  target")
     for row in ratios:
         concurrency, ratio, added = row["concurrency"], row["rps_ratio"], row["added_p50_ms"]
@@ -294,17 +330,35 @@ def print_echo(results: list[LoadResult], ratios: list[dict[str, Any]], duration
         print(f"{concurrency:>4}  {ratio:>15.1%}  {added:>12.2f}  {target}".rstrip())
 
 
-def _load_table(results: list[LoadResult]) -> str:
+COST_LEGEND = (
+    "  gw/wk/redis µs: CPU per request of the gateway process(es), the worker(s) and Redis"
+    " (/proc utime+stime over the run); cmds: Redis commands per request (INFO commandstats:"
+    " those a Lua script runs count too)"
+)
+
+
+def cost_text(cost: Cost) -> str:
+    return (
+        f"gateway {cell(cost.gateway_cpu_us, 0, 0)} µs CPU, worker {cell(cost.worker_cpu_us, 0, 0)}"
+        f" µs, Redis {cell(cost.redis_cpu_us, 0, 0)} µs and {cell(cost.redis_cmds, 0, 1)} commands"
+    )
+
+
+def load_table(results: list[LoadResult]) -> str:
     header = (
         f"{'target':<6}  {'conc':>4}  {'req/s':>9}  {'p50 ms':>8}  {'p99 ms':>8}"
         f"  {'requests':>9}  {'non-2xx':>7}  {'sock err':>8}"
+        f"  {'gw µs':>7}  {'wk µs':>7}  {'redis µs':>8}  {'cmds':>6}"
     )
     rows = [header]
     for r in results:
         non2xx = f"{r.non2xx}" + (f" ({r.non2xx_codes})" if r.non2xx_codes else "")
+        c = r.cost
         rows.append(
             f"{r.target:<6}  {r.concurrency:>4}  {r.rps:>9,.0f}  {r.p50_ms:>8.2f}  {r.p99_ms:>8.2f}"
             f"  {r.requests:>9,}  {non2xx:>7}  {r.socket_errors:>8}"
+            f"  {cell(c.gateway_cpu_us, 7, 0)}  {cell(c.worker_cpu_us, 7, 0)}"
+            f"  {cell(c.redis_cpu_us, 8, 0)}  {cell(c.redis_cmds, 6, 1)}"
         )
     return "\n".join(rows)
 
@@ -351,7 +405,11 @@ def bench_runq_embed(tmp: Path, bodies: Path, duration_s: float) -> LoadResult:
     print(f"  runq: starting {server.name}", flush=True)
     with serving(server, check):
         warm_up(url, bodies, EMBED_CONCURRENCY)
-        result = measure("runq", url, bodies, EMBED_CONCURRENCY, duration_s)
+        meter = cost_meter(server)
+        try:
+            result = measure("runq", url, bodies, EMBED_CONCURRENCY, duration_s, meter)
+        finally:
+            meter.close()
     report_problems(server)
     return result
 
@@ -373,6 +431,8 @@ def print_embed(offline: dict[str, Any] | None, served: LoadResult | None) -> di
             f"   p99 {served.p99_ms:.1f} ms   non-2xx {served.non2xx}"
             f"   socket errors {served.socket_errors}"
         )
+        print(f"  {'per request:':<34} {cost_text(served.cost)}")
+        print(f"  {'Redis commands per request:':<34} {top_text(served.cost)}")
     if offline is not None and served is not None and offline["sentences_per_s"]:
         ratio = served.rps / offline["sentences_per_s"]
         summary["ratio"] = ratio
@@ -391,16 +451,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured run")
     parser.add_argument(
         "--only",
-        choices=("echo", "embed", "overload", "lifecycle"),
-        help="run one of the four benchmarks",
+        choices=("echo", "embed", "drain", "overload", "lifecycle"),
+        help="run one of the five benchmarks",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     return parser
-
-
-def _interrupt(_signum: int, _frame: FrameType | None) -> None:
-    # SIGTERM takes the same path as Ctrl-C, so the servers' `finally` blocks still run.
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -414,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     try:
         with tempfile.TemporaryDirectory(prefix="runq-bench-") as tmp:
             results = _run(Path(tmp), args)
@@ -453,6 +508,9 @@ def _run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         served = bench_runq_embed(tmp, bodies, args.duration)
         summary = print_embed(offline, served)
         results["embed"] = {"offline": offline, "runq": asdict(served), **summary}
+    if args.only in (None, "drain"):
+        results["drain"] = bench_drain(tmp)
+        print_drain(results["drain"])
     if args.only in (None, "overload"):
         results["overload"] = bench_overload(tmp, args.duration)
         print_overload(results["overload"])
@@ -485,9 +543,11 @@ def _had_errors(results: dict[str, Any]) -> bool:
     # Overload's 503 queue_full answers are the point of it; anything else is an error.
     overload_errors = any(p["other_errors"] for p in results.get("overload", {}).get("phases", []))
     lifecycle_errors = "lifecycle" in results and lifecycle_had_errors(results["lifecycle"])
+    drain_errors = "drain" in results and drain_had_errors(results["drain"])
     return (
         overload_errors
         or lifecycle_errors
+        or drain_errors
         or any(run["non2xx"] or run["socket_errors"] for run in runs)
     )
 
