@@ -15,16 +15,24 @@ SECRET_INPUT = "payload-that-must-never-be-logged"
 def test_logs_are_json_lines_with_task_ids_and_no_payloads(served: tuple[str, Proc]) -> None:
     url, proc = served
     task = httpx.post(f"{url}/v1/functions/counted/predict", json={"input": SECRET_INPUT}).json()
-    wait_until(lambda: task["id"] in proc.output(), what="the request's log line")
-    output = proc.output()
-    assert SECRET_INPUT not in output
-    # Whole lines only: the processes are still writing to the log.
-    lines = [
-        json.loads(line)
-        for line in output.splitlines(keepends=True)
-        if line.startswith("{") and line.endswith("\n")
-    ]
-    request = next(entry for entry in lines if entry.get("task_id") == task["id"])
+
+    def lines() -> list[dict]:
+        # Whole lines only: the processes are still writing to the log.
+        return [
+            json.loads(line)
+            for line in proc.output().splitlines(keepends=True)
+            if line.startswith("{") and line.endswith("\n")
+        ]
+
+    def logged() -> tuple[dict, dict] | None:
+        # The gateway's request line and the worker's batch line, written by two processes in
+        # no fixed order.
+        entries = lines()
+        request = [entry for entry in entries if entry.get("task_id") == task["id"]]
+        batch = [entry for entry in entries if task["id"] in entry.get("task_ids", [])]
+        return (request[0], batch[0]) if request and batch else None
+
+    request, batch = wait_until(logged, what="the request's and the batch's log lines")
+    assert SECRET_INPUT not in proc.output()
     assert request["endpoint"] == "predict" and request["status"] == 200
-    batch = next(entry for entry in lines if task["id"] in entry.get("task_ids", []))
     assert batch["function"] == "counted" and batch["batch_size"] >= 1

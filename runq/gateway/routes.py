@@ -28,10 +28,16 @@ from runq.errors import (
     NotFound,
     Timeout,
     Unavailable,
-    UnsupportedMediaType,
     ValidationFailed,
 )
 from runq.functions import Function
+from runq.gateway.lean import (
+    IDEMPOTENCY_KEY_MAX_CHARS,
+    OnTimeout,
+    PredictQuery,
+    check_json_content_type,
+    lean_route,
+)
 from runq.gateway.limits import InflightLimit
 from runq.gateway.observe import notes
 from runq.metrics import exposition
@@ -43,13 +49,10 @@ from runq.queue.waiter import TaskWaiter
 from runq.settings import FunctionSettings, Settings
 
 RETRY_AFTER_PENDING_S = 1
-# Idempotency keys are caller-chosen; Stripe and the IETF draft both stay within 255 characters.
-IDEMPOTENCY_KEY_MAX_CHARS = 255
 WEBHOOK_URL_MAX_CHARS = 2048
 REPLAYED_HEADER = "Idempotent-Replayed"
 
 Priority = Literal["high", "normal", "low"]
-OnTimeout = Literal["error", "poll"]
 
 
 @dataclass
@@ -143,17 +146,23 @@ async def _idempotency_key(
 
 
 async def _json_body(request: Request) -> None:
-    # curl's -d sends a form content type; say so instead of a puzzling schema error.
-    content_type = request.headers.get("content-type", "application/json")
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    if media_type != "application/json" and not media_type.endswith("+json"):
-        raise UnsupportedMediaType(
-            f"the body must be JSON sent with content-type: application/json, not {media_type}"
-        )
+    check_json_content_type(request)
 
 
 def _function_routes(app: FastAPI, name: str, entry: Served) -> None:
     models = function_models(name, entry.function)
+
+    async def lean_predict(
+        request: Request, body: Any, query: PredictQuery, idempotency_key: str | None
+    ) -> Response:
+        return await predict_task(
+            request, entry, body, query.timeout, query.on_timeout, idempotency_key
+        )
+
+    # In front of the FastAPI route below, which stays for the schema (runq/gateway/lean.py).
+    app.router.routes.append(
+        lean_route(f"/v1/functions/{name}/predict", models.predict, lean_predict)
+    )
 
     async def predict(
         body: models.predict,  # type: ignore[name-defined]
