@@ -117,6 +117,10 @@ class Settings(BaseModel):
     ssl_keyfile: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    # FastAPI's native OpenTelemetry (traces, metrics and logs to the globally configured
+    # providers). Off by default: runq exports Prometheus metrics and its own logs, and FastAPI
+    # looks its providers up on every request even when none is configured.
+    opentelemetry: bool = False
     # runq_request_duration_seconds buckets: a list of upper bounds, or {min, max, factor}.
     request_buckets: list[float] | ExponentialBuckets | None = None
     # Workers and autoscalers serve /metrics here (gateways serve it on their own port).

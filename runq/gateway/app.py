@@ -79,6 +79,11 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
         lifespan=lifespan,
         # A body with no content type is read as JSON; one that names another type gets a 415.
         strict_content_type=False,
+        telemetry={
+            "tracing": settings.opentelemetry,
+            "metrics": settings.opentelemetry,
+            "logs": settings.opentelemetry,
+        },
     )
     app.state.settings = settings
     app.state.served = served
