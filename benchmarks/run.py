@@ -30,10 +30,12 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -395,9 +397,42 @@ def embed_check(url: str, body: object) -> Callable[[], None]:
     return check
 
 
-def bench_runq_embed(tmp: Path, bodies: Path, duration_s: float) -> LoadResult:
+@dataclass(frozen=True)
+class Batches:
+    """The worker's batches over a run, from the runq_batch_size and runq_execution_seconds
+    histograms that the gateway's /metrics serves for every process of `runq serve`."""
+
+    count: float
+    tasks: float
+    model_s: float
+
+    @property
+    def mean_size(self) -> float:
+        return self.tasks / self.count if self.count else 0.0
+
+    @property
+    def model_ms(self) -> float:
+        return 1000 * self.model_s / self.count if self.count else 0.0
+
+
+def read_batches(metrics_url: str, function: str) -> Batches:
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    figures = {}
+    for name in ("runq_batch_size_count", "runq_batch_size_sum", "runq_execution_seconds_sum"):
+        found = re.search(rf'^{name}{{function="{function}"}} (\S+)$', text, re.MULTILINE)
+        figures[name] = float(found.group(1)) if found else 0.0
+    return Batches(
+        figures["runq_batch_size_count"],
+        figures["runq_batch_size_sum"],
+        figures["runq_execution_seconds_sum"],
+    )
+
+
+def bench_runq_embed(tmp: Path, bodies: Path, duration_s: float) -> tuple[LoadResult, Batches]:
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1/functions/embed/predict"
+    metrics_url = f"http://127.0.0.1:{port}/metrics"
     argv = runq_serve_argv("examples/embed.py", port)
     server = Server("runq serve examples/embed.py", argv, tmp / "runq_embed.log")
     body = json.loads(bodies.read_text().splitlines()[0])
@@ -406,15 +441,22 @@ def bench_runq_embed(tmp: Path, bodies: Path, duration_s: float) -> LoadResult:
     with serving(server, check):
         warm_up(url, bodies, EMBED_CONCURRENCY)
         meter = cost_meter(server)
+        before = read_batches(metrics_url, "embed")
         try:
             result = measure("runq", url, bodies, EMBED_CONCURRENCY, duration_s, meter)
         finally:
             meter.close()
+        after = read_batches(metrics_url, "embed")
     report_problems(server)
-    return result
+    batches = Batches(
+        after.count - before.count, after.tasks - before.tasks, after.model_s - before.model_s
+    )
+    return result, batches
 
 
-def print_embed(offline: dict[str, Any] | None, served: LoadResult | None) -> dict[str, Any]:
+def print_embed(
+    offline: dict[str, Any] | None, served: LoadResult | None, batches: Batches | None = None
+) -> dict[str, Any]:
     print("\nEmbedding: all-MiniLM-L6-v2 on the CPU, one sentence per request")
     summary: dict[str, Any] = {}
     if offline is not None:
@@ -433,6 +475,17 @@ def print_embed(offline: dict[str, Any] | None, served: LoadResult | None) -> di
         )
         print(f"  {'per request:':<34} {cost_text(served.cost)}")
         print(f"  {'Redis commands per request:':<34} {top_text(served.cost)}")
+    if batches is not None:
+        summary["mean_batch_size"] = batches.mean_size
+        summary["model_ms_per_batch"] = batches.model_ms
+        direct = ""
+        if offline is not None and offline["sentences_per_s"]:
+            direct_ms = 1000 * offline["batch_size"] / offline["sentences_per_s"]
+            direct = f" (direct: {direct_ms:.1f} ms per batch of {offline['batch_size']})"
+        print(
+            f"  {'batches:':<34} mean size {batches.mean_size:.1f}, model "
+            f"{batches.model_ms:.1f} ms per batch{direct}"
+        )
     if offline is not None and served is not None and offline["sentences_per_s"]:
         ratio = served.rps / offline["sentences_per_s"]
         summary["ratio"] = ratio
@@ -505,8 +558,8 @@ def _run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         print_echo(echo, ratios, args.duration)
         results["echo"] = {"runs": [asdict(r) for r in echo], "ratios": ratios}
     if args.only in (None, "embed"):
-        served = bench_runq_embed(tmp, bodies, args.duration)
-        summary = print_embed(offline, served)
+        served, batches = bench_runq_embed(tmp, bodies, args.duration)
+        summary = print_embed(offline, served, batches)
         results["embed"] = {"offline": offline, "runq": asdict(served), **summary}
     if args.only in (None, "drain"):
         results["drain"] = bench_drain(tmp)

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 from redis.exceptions import RedisError
 
 from runq import logs
@@ -79,11 +80,7 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
         lifespan=lifespan,
         # A body with no content type is read as JSON; one that names another type gets a 415.
         strict_content_type=False,
-        telemetry={
-            "tracing": settings.opentelemetry,
-            "metrics": settings.opentelemetry,
-            "logs": settings.opentelemetry,
-        },
+        telemetry=_telemetry(settings),
     )
     app.state.settings = settings
     app.state.served = served
@@ -95,6 +92,11 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
     # Outermost, so a refused oversized body is measured and logged like any answer.
     app.add_middleware(RequestMetrics, functions=list(served))
     return app
+
+
+def _telemetry(settings: Settings) -> TelemetryConfig:
+    on = settings.opentelemetry
+    return {"tracing": on, "metrics": on, "logs": on}
 
 
 async def _follow_deployed(

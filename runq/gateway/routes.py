@@ -149,8 +149,8 @@ async def _json_body(request: Request) -> None:
     check_json_content_type(request)
 
 
-def _function_routes(app: FastAPI, name: str, entry: Served) -> None:
-    models = function_models(name, entry.function)
+def _lean_predict_route(app: FastAPI, name: str, entry: Served, models: FunctionModels) -> None:
+    """Serves predict in front of the FastAPI route, which stays for the schema (lean.py)."""
 
     async def lean_predict(
         request: Request, body: Any, query: PredictQuery, idempotency_key: str | None
@@ -159,10 +159,14 @@ def _function_routes(app: FastAPI, name: str, entry: Served) -> None:
             request, entry, body, query.timeout, query.on_timeout, idempotency_key
         )
 
-    # In front of the FastAPI route below, which stays for the schema (runq/gateway/lean.py).
     app.router.routes.append(
         lean_route(f"/v1/functions/{name}/predict", models.predict, lean_predict)
     )
+
+
+def _function_routes(app: FastAPI, name: str, entry: Served) -> None:
+    models = function_models(name, entry.function)
+    _lean_predict_route(app, name, entry, models)
 
     async def predict(
         body: models.predict,  # type: ignore[name-defined]
