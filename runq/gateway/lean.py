@@ -26,17 +26,20 @@ IDEMPOTENCY_KEY_MAX_CHARS = 255
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 OnTimeout = Literal["error", "poll"]
+# predict's parameters as the schema describes them (the FastAPI route declares them too).
+TIMEOUT_DOC = "seconds to wait for the output"
+ON_TIMEOUT_DOC = (
+    "at the timeout: 504 (error; a task not started yet is withdrawn), "
+    "or 202 with the task to poll, which goes on (poll)"
+)
+IDEMPOTENCY_KEY_DOC = "the same key within its TTL answers with the same task"
 
 
 class PredictQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    timeout: float | None = Field(None, gt=0, description="seconds to wait for the output")
-    on_timeout: OnTimeout = Field(
-        "error",
-        description="at the timeout: 504 (error; a task not started yet is withdrawn), "
-        "or 202 with the task to poll, which goes on (poll)",
-    )
+    timeout: float | None = Field(None, gt=0, description=TIMEOUT_DOC)
+    on_timeout: OnTimeout = Field("error", description=ON_TIMEOUT_DOC)
 
 
 IdempotencyKey = Annotated[
@@ -44,7 +47,7 @@ IdempotencyKey = Annotated[
     Field(
         min_length=1,
         max_length=IDEMPOTENCY_KEY_MAX_CHARS,
-        description="the same key within its TTL answers with the same task",
+        description=IDEMPOTENCY_KEY_DOC,
     ),
 ]
 _KEY = TypeAdapter(IdempotencyKey)

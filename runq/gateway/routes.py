@@ -32,7 +32,10 @@ from runq.errors import (
 )
 from runq.functions import Function
 from runq.gateway.lean import (
+    IDEMPOTENCY_KEY_DOC,
     IDEMPOTENCY_KEY_MAX_CHARS,
+    ON_TIMEOUT_DOC,
+    TIMEOUT_DOC,
     OnTimeout,
     PredictQuery,
     check_json_content_type,
@@ -44,7 +47,7 @@ from runq.metrics import exposition
 from runq.queue import constants
 from runq.queue.storage import ObjectStore
 from runq.queue.store import Admission, Admitted, TaskStore, new_task_id
-from runq.queue.tasks import OUTPUT_REF, TERMINAL, TaskStatus, error_json
+from runq.queue.tasks import OUTPUT_REF, TERMINAL, TaskStatus, error_json, task_json_head
 from runq.queue.waiter import TaskWaiter
 from runq.settings import FunctionSettings, Settings
 
@@ -139,14 +142,10 @@ async def _idempotency_key(
         alias="Idempotency-Key",
         min_length=1,
         max_length=IDEMPOTENCY_KEY_MAX_CHARS,
-        description="the same key within its TTL answers with the same task",
+        description=IDEMPOTENCY_KEY_DOC,
     ),
 ) -> str | None:
     return key
-
-
-async def _json_body(request: Request) -> None:
-    check_json_content_type(request)
 
 
 def _lean_predict_route(app: FastAPI, name: str, entry: Served, models: FunctionModels) -> None:
@@ -171,15 +170,10 @@ def _function_routes(app: FastAPI, name: str, entry: Served) -> None:
     async def predict(
         body: models.predict,  # type: ignore[name-defined]
         request: Request,
-        timeout_s: float | None = Query(
-            None, alias="timeout", gt=0, description="seconds to wait for the output"
-        ),
+        timeout_s: float | None = Query(None, alias="timeout", gt=0, description=TIMEOUT_DOC),
         on_timeout: Annotated[
             OnTimeout,
-            Query(
-                description="at the timeout: 504 (error; a task not started yet is withdrawn), "
-                "or 202 with the task to poll, which goes on (poll)"
-            ),
+            Query(description=ON_TIMEOUT_DOC),
         ] = "error",
         idempotency_key: str | None = Depends(_idempotency_key),
     ) -> Response:
@@ -202,7 +196,7 @@ def _function_routes(app: FastAPI, name: str, entry: Served) -> None:
         methods=["POST"],
         tags=[tag],
         summary=f"Run {name} and wait for its output",
-        dependencies=[Depends(_json_body)],
+        dependencies=[Depends(check_json_content_type)],
         response_model=models.task,
         responses={
             202: {"description": "on_timeout=poll and not done yet: poll the task's result"},
@@ -217,7 +211,7 @@ def _function_routes(app: FastAPI, name: str, entry: Served) -> None:
         tags=[tag],
         status_code=202,
         summary=f"Submit a background task to {name}",
-        dependencies=[Depends(_json_body)],
+        dependencies=[Depends(check_json_content_type)],
         response_model=TaskModel,
         responses={503: {"description": "queue_full; retry after Retry-After"}},
     )
@@ -548,7 +542,7 @@ async def _stored_output(
         url = await asyncio.to_thread(objects.presign, output_ref, redirect_ttl_s)
         if url is not None:
             return RedirectResponse(url, status_code=307)
-    head = json.dumps(task)[:-1].encode() + b',"output":'
+    head = task_json_head(task)
 
     def body() -> Iterator[bytes]:
         yield head

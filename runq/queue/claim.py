@@ -148,6 +148,9 @@ return {started, expired, at_capacity, tostring(now)}
 
 RawHash = dict[bytes, bytes]
 
+# Claims run every BATCH_FILL_POLL_S while a batching window is open: built once.
+_DEADLINE_PASSED = deadline_passed_error()
+
 
 @dataclass(frozen=True)
 class Started:
@@ -207,7 +210,7 @@ class Claim:
                 max(wanted, 0),
                 self._worker_name,
                 utcformat(now()),
-                deadline_passed_error(),
+                _DEADLINE_PASSED,
                 max_concurrency or 0,
             ],
         )

@@ -30,7 +30,14 @@ from rq.worker import WorkerStatus
 
 from runq.queue import constants, lua, stats
 from runq.queue.claim import RawHash, Started
-from runq.queue.tasks import OUTPUT_REF, Outcome, error_json, final_status, task_view
+from runq.queue.tasks import (
+    OUTPUT_REF,
+    Outcome,
+    error_json,
+    final_status,
+    task_json,
+    task_view,
+)
 
 # Arguments per task, after the batch's own four.
 _TASK_ARGS = 10
@@ -248,24 +255,24 @@ def _task_args(task: Running, outcome: Outcome, ended_at: str, latency_s: float)
     fields[constants.ENDED_AT_FIELD.encode()] = ended_at.encode()
     if outcome.ok:
         kind, extra = _SUCCESSFUL, outcome.output_ref or ""
-        value = "" if outcome.output is None else _return_value(outcome.output)
+        output_json = outcome.output_json or JSONSerializer.dumps(outcome.output)
+        # RQ's results stream holds the serialized return value, base64 encoded; none for None.
+        value = "" if outcome.output is None else b64encode(output_json).decode()
         fields[constants.STATUS_FIELD.encode()] = JobStatus.FINISHED.value.encode()
-        view = task_view(task.task_id, fields)
-        view["output"] = outcome.output
     else:
         assert outcome.error_code is not None
         kind, value = _FAILED, error_json(outcome.error_code, outcome.error_message)
         extra = b64encode(zlib.compress(outcome.traceback.encode())).decode()
         fields[constants.STATUS_FIELD.encode()] = JobStatus.FAILED.value.encode()
         fields[constants.ERROR_FIELD.encode()] = value.encode()
-        view = task_view(task.task_id, fields)
-    webhook_body = ""
-    if constants.WEBHOOK_FIELD.encode() in fields:
-        # A stored output is not sent: the receiver fetches it from the task's result.
-        webhook_body = json.dumps(view if outcome.output_ref is None else _without_output(view))
-    if outcome.output_ref is not None:
-        view = _without_output(view) | {OUTPUT_REF: outcome.output_ref}
-    status = final_status(outcome)
+    view = task_view(task.task_id, fields)
+    if outcome.ok and outcome.output_ref is None:
+        public = reply = task_json(view, output_json)
+    else:
+        # A stored output is not sent with the task: its waiter and the webhook fetch it.
+        public = json.dumps(view).encode()
+        reply = public if outcome.output_ref is None else _with_output_ref(view, outcome)
+    webhook_body = public if constants.WEBHOOK_FIELD.encode() in fields else b""
     return [
         task.task_id,
         task.execution_id,
@@ -273,17 +280,12 @@ def _task_args(task: Running, outcome: Outcome, ended_at: str, latency_s: float)
         kind,
         value,
         extra,
-        json.dumps(view),
+        reply,
         webhook_body,
-        str(status),
+        str(final_status(outcome)),
         stats.bucket_field(latency_s),
     ]
 
 
-def _return_value(output: Any) -> str:
-    # RQ's results stream holds the serialized return value, base64 encoded.
-    return b64encode(JSONSerializer.dumps(output)).decode()
-
-
-def _without_output(view: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in view.items() if key != "output"}
+def _with_output_ref(view: dict[str, Any], outcome: Outcome) -> bytes:
+    return json.dumps({**view, OUTPUT_REF: outcome.output_ref}).encode()

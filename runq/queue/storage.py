@@ -8,14 +8,13 @@ synchronous: async callers run these methods in a thread.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlparse
 
 import boto3
@@ -175,31 +174,24 @@ def output_key(function: str, task_id: str) -> str:
 class ClaimCheck:
     """Puts a value too big to travel through Redis in the object store; only its key travels.
 
-    The gateway checks inputs in, the worker outputs, by the same rule: the value's compact
-    JSON over ``inline_max_bytes``.
+    The gateway checks inputs in, the worker outputs, by the same rule: the value's JSON, as the
+    caller encoded it once for Redis too (RQ's JSONSerializer), over ``inline_max_bytes``.
     """
 
     def __init__(self, objects: ObjectStore, inline_max_bytes: int) -> None:
         self.objects = objects
         self.inline_max_bytes = inline_max_bytes
 
-    def oversized(self, value: Any) -> bytes | None:
-        """The value's JSON when it must be stored, else None."""
-        data = json.dumps(value, separators=(",", ":")).encode()
-        return data if len(data) > self.inline_max_bytes else None
-
-    def check_in(self, key: str, value: Any) -> str | None:
-        """Stores the value under ``key`` if it is too big; returns the key then, else None."""
-        data = self.oversized(value)
-        if data is None:
+    def check_in(self, key: str, data: bytes) -> str | None:
+        """Stores ``data`` under ``key`` if it is too big; returns the key then, else None."""
+        if len(data) <= self.inline_max_bytes:
             return None
         self.objects.put(key, data)
         return key
 
-    async def check_in_async(self, key: str, value: Any) -> str | None:
-        # boto3 blocks: the put runs in a thread, the size check (CPU only) does not.
-        data = self.oversized(value)
-        if data is None:
+    async def check_in_async(self, key: str, data: bytes) -> str | None:
+        # boto3 blocks: the put runs in a thread, the size check does not.
+        if len(data) <= self.inline_max_bytes:
             return None
         await asyncio.to_thread(self.objects.put, key, data)
         return key

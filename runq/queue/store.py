@@ -15,6 +15,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis import Redis
 from rq.job import JobStatus
+from rq.serializers import JSONSerializer
 
 from runq.errors import Gone, IdempotencyConflict, QueueFull
 from runq.queue import constants, storage
@@ -116,14 +117,15 @@ class TaskStore:
     ) -> Admitted:
         """Admits a task under the queue cap, or finds the task its idempotency key names."""
         task_id = task_id or new_task_id()
+        # Encoded once: the size check, the stored object and the job's data all use it.
+        payload_json = JSONSerializer.dumps(payload)
         input_ref = await self.claim_check.check_in_async(
-            storage.input_key(function, task_id), payload
+            storage.input_key(function, task_id), payload_json
         )
         fields = new_job_fields(
             function=function,
             settings=settings,
-            task_id=task_id,
-            payload=payload,
+            payload_json=payload_json,
             priority=admission.priority,
             reply_to=admission.reply_to,
             connection=self._job_connection,

@@ -66,6 +66,8 @@ class Outcome:
     traceback: str = ""
     # Set instead of output when the output went to object storage (too big for Redis).
     output_ref: str | None = None
+    # The output as JSON (RQ's JSONSerializer), once encoded: every later use splices it in.
+    output_json: bytes | None = None
 
     @property
     def ok(self) -> bool:
@@ -99,8 +101,7 @@ def new_job_fields(
     *,
     function: str,
     settings: FunctionSettings,
-    task_id: str,
-    payload: Any,
+    payload_json: bytes,
     priority: str,
     reply_to: str | None,
     connection: Redis,
@@ -119,7 +120,7 @@ def new_job_fields(
     fields = dict(template)
     fields[constants.CREATED_AT_FIELD] = fields["enqueued_at"] = utcformat(now())
     # A stored input leaves only its key in the job hash.
-    fields["data"] = job_data(None if input_ref else payload)
+    fields["data"] = job_data(b"null" if input_ref else payload_json)
     if reply_to is not None:
         fields[constants.REPLY_TO_FIELD] = reply_to
     if input_ref is not None:
@@ -151,9 +152,23 @@ def _job_template(
     return fields
 
 
-def job_data(payload: Any) -> bytes:
-    """RQ's ``data`` field of a job calling FUNC_REF with the one argument ``payload``."""
-    return zlib.compress(JSONSerializer.dumps((FUNC_REF, None, [payload], {})))
+def job_data(payload_json: bytes) -> bytes:
+    """RQ's ``data`` field of a job calling FUNC_REF with one argument, already JSON: the bytes
+    RQ's JSONSerializer writes for ``(FUNC_REF, None, [payload], {})``."""
+    return zlib.compress(_DATA_HEAD + payload_json + b"], {}]")
+
+
+_DATA_HEAD = b"[" + JSONSerializer.dumps(FUNC_REF) + b", null, ["
+
+
+def task_json(task: Mapping[str, Any], output_json: bytes) -> bytes:
+    """The task JSON with its output spliced in as the JSON it already is (never re-encoded)."""
+    return task_json_head(task) + output_json + b"}"
+
+
+def task_json_head(task: Mapping[str, Any]) -> bytes:
+    """The task JSON up to its output's value: ``{..., "output": ``."""
+    return json.dumps(task)[:-1].encode() + b', "output": '
 
 
 def job_input(fields: Mapping[bytes, bytes]) -> Any:

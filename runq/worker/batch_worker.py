@@ -8,6 +8,7 @@ WORKER_DEQUEUE_TIMEOUT_S. What a batch writes to Redis is ``runq.queue.record``'
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -283,11 +284,15 @@ class BatchWorker(SimpleWorker):
         if not outcome.ok:
             return outcome
         key = storage.output_key(self.function.name, task.task_id)
+        # Encoded once: the size check, the stored object and the record all use it.
+        output_json = JSONSerializer.dumps(outcome.output)
         try:
-            stored = self.claim_check.check_in(key, outcome.output)
+            stored = self.claim_check.check_in(key, output_json)
         except StorageError as exc:
             return failure(ErrorCode.STORAGE_UNAVAILABLE, exc.message)
-        return outcome if stored is None else Outcome(output_ref=stored)
+        if stored is None:
+            return dataclasses.replace(outcome, output_json=output_json)
+        return Outcome(output_ref=stored)
 
     def _time_limit(self, running: list[Running], claimed: Claimed) -> tuple[float, str]:
         """How long the batch may run, and what to say when it is stopped.

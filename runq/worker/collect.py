@@ -33,7 +33,7 @@ class BatchCollector:
         limit = self.limit
         claimed = self._claim_batch(limit)
         if claimed.empty:
-            self._wait_for_work(claimed.at_capacity, block_s)
+            self._claim.wait_for_work(claimed.at_capacity, block_s)
             claimed = self._claim_batch(limit)
             if claimed.empty:
                 return None
@@ -54,9 +54,6 @@ class BatchCollector:
             claimed.extend(more)
         self._last_batch_size = len(claimed.started)
         return claimed
-
-    def _wait_for_work(self, at_capacity: bool, block_s: float) -> None:
-        self._claim.wait_for_work(at_capacity, block_s)
 
     def _claim_batch(self, wanted: int) -> Claimed:
         return self._claim(wanted, self.settings.max_concurrency)

@@ -7,6 +7,7 @@ import secrets
 
 import redis.asyncio as aioredis
 from redis import Redis
+from rq.serializers import JSONSerializer
 
 from runq.queue import constants
 from runq.queue.enqueue import Enqueue, Enqueued, Reply, Request
@@ -22,8 +23,7 @@ def request(max_queue: int) -> Request:
     fields = new_job_fields(
         function=FUNCTION,
         settings=FunctionSettings(),
-        task_id=task_id,
-        payload=task_id,
+        payload_json=JSONSerializer.dumps(task_id),
         priority="normal",
         reply_to=None,
         connection=Redis(),

@@ -42,8 +42,7 @@ def test_a_new_tasks_job_hash_is_rqs_own(payload: Any) -> None:
     fields = new_job_fields(
         function="echo",
         settings=settings,
-        task_id="t1",
-        payload=payload,
+        payload_json=JSONSerializer.dumps(payload),
         priority="high",
         reply_to=None,
         connection=Redis(),
@@ -65,8 +64,7 @@ def test_tasks_of_one_function_share_the_template_but_not_their_own_fields() -> 
         new_job_fields(
             function="echo",
             settings=settings,
-            task_id=task_id,
-            payload=task_id,
+            payload_json=JSONSerializer.dumps(task_id),
             priority="normal",
             reply_to=f"reply:{task_id}",
             connection=connection,
