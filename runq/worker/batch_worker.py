@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
@@ -55,6 +56,8 @@ logger = logging.getLogger("runq.worker")
 HEARTBEAT_INTERVAL_S = 10.0
 SWEEP_INTERVAL_S = 600.0
 SWEEP_MARGIN_S = 24 * 3600.0
+# How long a worker that lost Redis waits before it tries again.
+REDIS_RETRY_S = 1.0
 
 
 @dataclass
@@ -132,17 +135,29 @@ class BatchWorker(SimpleWorker):
             helper.start()
         try:
             while not self._stop_requested:
-                claimed = self.collector.collect(block_s=constants.WORKER_DEQUEUE_TIMEOUT_S)
-                if claimed is not None:
-                    self.process(claimed)
-                for chore in self._chores:
-                    chore.run_if_due()
+                try:
+                    self._step()
+                except RedisError as exc:
+                    # Redis restarting or unreachable. A batch in hand is not recorded: its
+                    # leases lapse and the reaper re-queues its tasks (at least once).
+                    logger.warning("worker %s: Redis unreachable (%s); retrying", self.name, exc)
+                    time.sleep(REDIS_RETRY_S)
         finally:
             self.leases.stop()
             for helper in self.helpers:
                 helper.stop()
-            super().teardown()
+            try:
+                super().teardown()
+            except RedisError as exc:
+                logger.warning("worker %s: cannot deregister from RQ: %s", self.name, exc)
             logger.info("worker %s: stopped after %d batches", self.name, self.batches_run)
+
+    def _step(self) -> None:
+        claimed = self.collector.collect(block_s=constants.WORKER_DEQUEUE_TIMEOUT_S)
+        if claimed is not None:
+            self.process(claimed)
+        for chore in self._chores:
+            chore.run_if_due()
 
     def _install_signal_handlers(self) -> None:
         signal.signal(signal.SIGINT, self._request_stop)
@@ -189,11 +204,13 @@ class BatchWorker(SimpleWorker):
             return
         tasks = [Running.claimed(started) for started in claimed.started]
         self.leases.hold([task.task_id for task in tasks])
-        run_started = time.perf_counter()
-        outcomes = self._execute(tasks, claimed)
-        run_ms = (time.perf_counter() - run_started) * 1000
-        results = self.recorder.record(tasks, outcomes, self.settings.max_concurrency)
-        self.leases.release()
+        try:
+            run_started = time.perf_counter()
+            outcomes = self._execute(tasks, claimed)
+            run_ms = (time.perf_counter() - run_started) * 1000
+            results = self.recorder.record(tasks, outcomes, self.settings.max_concurrency)
+        finally:
+            self.leases.release()
         self.batches_run += 1
         self._observe(tasks, results, run_ms, claimed.server_now)
         if self.predictions is not None and self.settings.log_predictions > 0:

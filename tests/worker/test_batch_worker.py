@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 
 import httpx
 from redis import Redis
 
-from tests.helpers import Proc, start_worker, wait_until
+from runq.embedded import EmbeddedValkey
+from tests.helpers import Proc, free_port, start_gateway, start_worker, wait_until
 
 
 def test_sigterm_drains_the_task_in_hand_and_takes_nothing_new(
@@ -33,3 +35,35 @@ def test_sigterm_drains_the_task_in_hand_and_takes_nothing_new(
             assert done["status"] == "succeeded"
     finally:
         successor.stop()
+
+
+def test_a_worker_rides_through_a_redis_restart(procs: Callable[..., Proc]) -> None:
+    # A Valkey of this test's own, stopped for 2 s and started again on the same port.
+    port = free_port()
+    valkey = EmbeddedValkey(port=port)
+    valkey.start()
+    env = {"RUNQ_REDIS_URL": valkey.url}
+    try:
+        url = start_gateway(procs, env=env)
+        with Redis.from_url(valkey.url) as redis:
+            worker = start_worker(procs, redis, "echo", env=env)
+
+        def answered(value: str) -> bool:
+            try:
+                response = httpx.post(
+                    f"{url}/v1/functions/echo/predict?timeout=2", json={"input": value}
+                )
+            except httpx.HTTPError:
+                return False
+            return response.status_code == 200 and response.json()["output"] == value
+
+        assert answered("before")
+        valkey.stop()
+        time.sleep(2)
+        valkey = EmbeddedValkey(port=port)
+        valkey.start()
+        wait_until(lambda: answered("after"), 30, "a predict answered after the restart")
+        assert worker.alive()
+        assert worker.stop(signal.SIGTERM) == 0
+    finally:
+        valkey.stop()
