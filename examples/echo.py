@@ -5,6 +5,6 @@ from typing import Any
 import runq
 
 
-@runq.function(max_batch_size=64, max_latency_ms=2, example="hello")
+@runq.function(max_batch_size=16, max_latency_ms=2, example="hello")
 def echo(inputs: list[Any]) -> list[Any]:
     return inputs

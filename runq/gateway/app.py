@@ -17,11 +17,13 @@ from runq import logs
 from runq.errors import ConfigError
 from runq.functions import Function, load_target
 from runq.gateway import errors, routes
+from runq.gateway.lean import LeanPaths
 from runq.gateway.limits import BodySizeLimit, InflightLimit
 from runq.gateway.observe import RequestMetrics
 from runq.gateway.routes import Served
 from runq.metrics import metrics
 from runq.queue import constants
+from runq.queue.connection import async_redis
 from runq.queue.deployed import LiveSettings
 from runq.queue.storage import open_store
 from runq.queue.store import TaskStore
@@ -29,10 +31,6 @@ from runq.queue.waiter import TaskWaiter
 from runq.settings import ENV_TARGET, Settings, load_settings
 
 logger = logging.getLogger("runq.gateway")
-
-# Enough for every concurrent enqueue and read of one process; waiters hold no connection.
-REDIS_POOL_SIZE = 32
-REDIS_POOL_WAIT_S = 5.0
 
 
 def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
@@ -49,10 +47,7 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = aioredis.BlockingConnectionPool.from_url(
-            redis_url, max_connections=REDIS_POOL_SIZE, timeout=REDIS_POOL_WAIT_S
-        )
-        redis = aioredis.Redis(connection_pool=pool)
+        redis = async_redis(redis_url)
         store = TaskStore(
             redis,
             redis_url,
@@ -72,7 +67,6 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
             follower.cancel()
             await waiter.stop()
             await redis.aclose()
-            await pool.aclose()
 
     app = FastAPI(
         title="runq",
@@ -87,7 +81,9 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
     app.state.inflight = InflightLimit(settings.max_inflight)
     metrics(settings.request_bucket_bounds())
     errors.install(app)
-    routes.install(app, served)
+    lean = routes.install(app, served)
+    # Innermost of the middleware: in front of FastAPI's router, behind runq's limits and metrics.
+    app.add_middleware(LeanPaths, endpoints=lean, answer_error=errors.answer)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     # Outermost, so a refused oversized body is measured and logged like any answer.
     app.add_middleware(RequestMetrics, functions=list(served))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
@@ -85,9 +86,21 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+_HANDLERS: dict[type[Exception], Callable[[Request, Exception], Awaitable[Response]]] = {
+    RunqError: _runq_error,
+    RequestValidationError: _validation_error,
+    HTTPException: _http_error,
+    RedisError: _redis_error,
+    Exception: _unexpected,
+}
+
+
 def install(app: FastAPI) -> None:
-    app.add_exception_handler(RunqError, _runq_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(RedisError, _redis_error)
-    app.add_exception_handler(Exception, _unexpected)
+    for kind, handler in _HANDLERS.items():
+        app.add_exception_handler(kind, handler)
+
+
+async def answer(request: Request, exc: Exception) -> Response:
+    """What FastAPI's exception handling answers for ``exc``, for a path that bypasses it."""
+    handler = next(_HANDLERS[kind] for kind in type(exc).__mro__ if kind in _HANDLERS)
+    return await handler(request, exc)

@@ -1,16 +1,18 @@
-"""predict's lean route: FastAPI's validation and answers without its per-request machinery.
+"""predict's lean path: FastAPI's validation and answers without its per-request machinery.
 
-predict is the hot path, and FastAPI's dependency solving costs more CPU than the rest of the
-route (py-spy on noop predict under wrk). The lean route sits in front of the FastAPI one, which
-stays for the OpenAPI schema: it reads the same query parameters, header and body, validates
-them with the same pydantic models in the same order (query, header, then body, all errors
-together) and raises the same errors, so a caller cannot tell the two apart.
+predict is the hot path, and FastAPI's router, its per-route exception handling and dependency
+solving cost more CPU than the rest of the request (py-spy on noop predict under wrk). The lean
+path is a middleware just inside runq's own (metrics, body size), in front of FastAPI's router;
+the FastAPI route stays for the OpenAPI schema and for every other method on the path. It reads
+the same query parameters, header and body, validates them with the same pydantic models in the
+same order (query, header, then body, all errors together) and answers errors with the same
+handlers (errors.answer), so a caller cannot tell the two apart.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
@@ -18,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runq.errors import UnsupportedMediaType
 
@@ -55,6 +57,7 @@ _KEY = TypeAdapter(IdempotencyKey)
 # What the route calls once everything is valid: the request, the body model, the query and
 # the idempotency key.
 Handler = Callable[[Request, Any, PredictQuery, str | None], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def check_json_content_type(request: Request) -> None:
@@ -67,7 +70,7 @@ def check_json_content_type(request: Request) -> None:
         )
 
 
-def lean_route(path: str, body_model: type[BaseModel], handler: Handler) -> Route:
+def lean_endpoint(body_model: type[BaseModel], handler: Handler) -> Endpoint:
     async def predict(request: Request) -> Response:
         check_json_content_type(request)
         raw = await _json(request)
@@ -80,7 +83,35 @@ def lean_route(path: str, body_model: type[BaseModel], handler: Handler) -> Rout
         assert query is not None and body is not None
         return await handler(request, body, query, key)
 
-    return Route(path, predict, methods=["POST"], include_in_schema=False)
+    return predict
+
+
+class LeanPaths:
+    """POSTs to a lean path go straight to its endpoint; every other request goes on to ``app``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        endpoints: Mapping[str, Endpoint],
+        answer_error: Callable[[Request, Exception], Awaitable[Response]],
+    ) -> None:
+        self.app = app
+        self.endpoints = endpoints
+        self.answer_error = answer_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = None
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.endpoints.get(scope["path"])
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive, send)
+        try:
+            response = await endpoint(request)
+        except Exception as exc:
+            response = await self.answer_error(request, exc)
+        await response(scope, receive, send)
 
 
 async def _json(request: Request) -> Any:

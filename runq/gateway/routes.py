@@ -36,15 +36,17 @@ from runq.gateway.lean import (
     IDEMPOTENCY_KEY_MAX_CHARS,
     ON_TIMEOUT_DOC,
     TIMEOUT_DOC,
+    Endpoint,
     OnTimeout,
     PredictQuery,
     check_json_content_type,
-    lean_route,
+    lean_endpoint,
 )
 from runq.gateway.limits import InflightLimit
 from runq.gateway.observe import notes
 from runq.metrics import exposition
 from runq.queue import constants
+from runq.queue.replies import Answer, Ended
 from runq.queue.storage import ObjectStore
 from runq.queue.store import Admission, Admitted, TaskStore, new_task_id
 from runq.queue.tasks import OUTPUT_REF, TERMINAL, TaskStatus, error_json, task_json_head
@@ -81,11 +83,14 @@ class TaskModel(BaseModel):
     error: dict[str, Any] | None = None
 
 
-def install(app: FastAPI, served: dict[str, Served]) -> None:
+def install(app: FastAPI, served: dict[str, Served]) -> dict[str, Endpoint]:
+    """Adds every route; returns predict's lean endpoints by path (lean.py)."""
     # The served functions' routes first: the generic ones answer for unknown functions.
+    lean = {}
     for name, entry in served.items():
-        _function_routes(app, name, entry)
+        lean[f"/v1/functions/{name}/predict"] = _function_routes(app, name, entry)
     app.include_router(router)
+    return lean
 
 
 # per-function routes ------------------------------------------------------------------------
@@ -148,9 +153,7 @@ async def _idempotency_key(
     return key
 
 
-def _lean_predict_route(app: FastAPI, name: str, entry: Served, models: FunctionModels) -> None:
-    """Serves predict in front of the FastAPI route, which stays for the schema (lean.py)."""
-
+def _lean_predict(entry: Served, models: FunctionModels) -> Endpoint:
     async def lean_predict(
         request: Request, body: Any, query: PredictQuery, idempotency_key: str | None
     ) -> Response:
@@ -158,14 +161,12 @@ def _lean_predict_route(app: FastAPI, name: str, entry: Served, models: Function
             request, entry, body, query.timeout, query.on_timeout, idempotency_key
         )
 
-    app.router.routes.append(
-        lean_route(f"/v1/functions/{name}/predict", models.predict, lean_predict)
-    )
+    return lean_endpoint(models.predict, lean_predict)
 
 
-def _function_routes(app: FastAPI, name: str, entry: Served) -> None:
+def _function_routes(app: FastAPI, name: str, entry: Served) -> Endpoint:
+    """Adds the function's routes; returns its lean predict, which stands in front of them."""
     models = function_models(name, entry.function)
-    _lean_predict_route(app, name, entry, models)
 
     async def predict(
         body: models.predict,  # type: ignore[name-defined]
@@ -216,6 +217,7 @@ def _function_routes(app: FastAPI, name: str, entry: Served) -> None:
         responses={503: {"description": "queue_full; retry after Retry-After"}},
     )
     app.add_api_route(f"/v1/functions/{name}", describe, methods=["GET"], tags=[tag])
+    return _lean_predict(entry, models)
 
 
 async def predict_task(
@@ -308,7 +310,7 @@ async def _admit_and_wait(
     payload: Any,
     admission: Admission,
     wait_s: float,
-) -> tuple[Admitted, dict[str, Any] | None]:
+) -> tuple[Admitted, Ended | None]:
     task_id = new_task_id()
     # Listen before enqueueing, so a task that ends at once is not missed.
     future = waiter.expect(task_id)
@@ -329,7 +331,7 @@ async def _admit_and_wait(
 async def _predict_answer(
     store: TaskStore,
     admitted: Admitted,
-    task: dict[str, Any] | None,
+    task: Ended | None,
     wait_s: float,
     *,
     poll: bool,
@@ -337,6 +339,8 @@ async def _predict_answer(
     task_id = admitted.task_id
     if task is None:
         raise NotFound(f"task {task_id} was deleted while it was waited on", task_id=task_id)
+    if isinstance(task, Answer):
+        return _replayed(Response(task.body, media_type="application/json"), admitted)
     status = task["status"]
     if status == TaskStatus.SUCCEEDED:
         return _replayed(_task_response(await store.with_output(task)), admitted)
@@ -452,9 +456,10 @@ async def task_result(
     wait_s = _checked_timeout(wait, None, settings, "wait")
     if wait_s > 0:
         with _inflight(request).hold():
-            task = await _waiter(request).wait_any(task_id, wait_s)
-        if task is None:
+            ended = await _waiter(request).wait_any(task_id, wait_s)
+        if ended is None:
             raise NotFound(f"no task {task_id}")
+        task = ended.task() if isinstance(ended, Answer) else ended
     else:
         task = await _task_or_404(_store(request), task_id, with_output=True)
     notes(request).task_id = task_id

@@ -24,17 +24,17 @@ from typing import Any
 from redis import Redis
 from rq.job import JobStatus
 from rq.results import Result
-from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat, utcparse
 from rq.worker import WorkerStatus
 
-from runq.queue import constants, lua, stats
+from runq.queue import constants, lua, replies, stats
 from runq.queue.claim import RawHash, Started
 from runq.queue.tasks import (
     OUTPUT_REF,
     Outcome,
     error_json,
     final_status,
+    output_json,
     task_json,
     task_view,
 )
@@ -47,8 +47,8 @@ _TASK_ARGS = 10
 # ARGV[4] max_concurrency (0: no cap); then per task, _TASK_ARGS values: id, execution id,
 # its queue, result type (RQ's: 1 succeeded, 2 failed), return value (succeeded: RQ's
 # base64 JSON, '' for none) or error JSON, stored output's key ('' none) or RQ's exception
-# string, the task JSON for its waiter, the webhook body ('' none), stats status field, stats
-# latency bucket field.
+# string, its line of the reply to its waiter (replies.py), the webhook body ('' none), stats
+# status field, stats latency bucket field.
 # Returns 1 or 0 per task: written, or no longer this worker's.
 RECORD = lua.script(
     """
@@ -154,12 +154,13 @@ if ended > 0 then
 end
 redis.call('HSET', KEYS[3], WORKER_STATE, IDLE)
 for _, channel in ipairs(channels) do
-  redis.call('PUBLISH', channel, '[' .. table.concat(replies[channel], ',') .. ']')
+  redis.call('PUBLISH', channel, table.concat(replies[channel], REPLY_SEPARATOR))
 end
 return written
 """,
     lua.SERVER_NOW,
     TASK_ARGS=_TASK_ARGS,
+    REPLY_SEPARATOR=replies.SEPARATOR,
     JOB_PREFIX=constants.RQ_JOB_PREFIX,
     EXECUTION_PREFIX=constants.RQ_EXECUTION_PREFIX,
     EXECUTIONS_PREFIX=constants.RQ_EXECUTIONS_PREFIX,
@@ -255,9 +256,9 @@ def _task_args(task: Running, outcome: Outcome, ended_at: str, latency_s: float)
     fields[constants.ENDED_AT_FIELD.encode()] = ended_at.encode()
     if outcome.ok:
         kind, extra = _SUCCESSFUL, outcome.output_ref or ""
-        output_json = outcome.output_json or JSONSerializer.dumps(outcome.output)
+        encoded = outcome.output_json or output_json(outcome.output)
         # RQ's results stream holds the serialized return value, base64 encoded; none for None.
-        value = "" if outcome.output is None else b64encode(output_json).decode()
+        value = "" if outcome.output is None else b64encode(encoded).decode()
         fields[constants.STATUS_FIELD.encode()] = JobStatus.FINISHED.value.encode()
     else:
         assert outcome.error_code is not None
@@ -266,8 +267,9 @@ def _task_args(task: Running, outcome: Outcome, ended_at: str, latency_s: float)
         fields[constants.STATUS_FIELD.encode()] = JobStatus.FAILED.value.encode()
         fields[constants.ERROR_FIELD.encode()] = value.encode()
     view = task_view(task.task_id, fields)
-    if outcome.ok and outcome.output_ref is None:
-        public = reply = task_json(view, output_json)
+    answer = outcome.ok and outcome.output_ref is None
+    if answer:
+        public = reply = task_json(view, encoded)
     else:
         # A stored output is not sent with the task: its waiter and the webhook fetch it.
         public = json.dumps(view).encode()
@@ -280,7 +282,7 @@ def _task_args(task: Running, outcome: Outcome, ended_at: str, latency_s: float)
         kind,
         value,
         extra,
-        reply,
+        replies.reply_line(task.task_id, reply, answer=answer),
         webhook_body,
         str(final_status(outcome)),
         stats.bucket_field(latency_s),

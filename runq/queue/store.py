@@ -39,8 +39,14 @@ from runq.settings import FunctionSettings
 
 
 def new_task_id() -> str:
-    """128 random bits, URL-safe: unguessable, so a task id is also its read capability."""
-    return secrets.token_urlsafe(16)
+    """128 random bits, URL-safe: unguessable, so a task id is also its read capability.
+
+    Never starting with '-', which command-line tools (`rq requeue ID`) would read as an option.
+    """
+    while True:
+        task_id = secrets.token_urlsafe(16)
+        if not task_id.startswith("-"):
+            return task_id
 
 
 # Retry-After bounds when a queue is full: at least a second, never so long that a caller gives

@@ -161,6 +161,14 @@ def job_data(payload_json: bytes) -> bytes:
 _DATA_HEAD = b"[" + JSONSerializer.dumps(FUNC_REF) + b", null, ["
 
 
+def output_json(output: Any) -> bytes:
+    """An output as runq stores and answers with it: strict JSON (no NaN or Infinity), compact.
+
+    Raises ValueError for what strict JSON cannot hold (NaN, Infinity, an int too long to print).
+    """
+    return json.dumps(output, allow_nan=False, separators=(",", ":")).encode()
+
+
 def task_json(task: Mapping[str, Any], output_json: bytes) -> bytes:
     """The task JSON with its output spliced in as the JSON it already is (never re-encoded)."""
     return task_json_head(task) + output_json + b"}"
@@ -168,7 +176,7 @@ def task_json(task: Mapping[str, Any], output_json: bytes) -> bytes:
 
 def task_json_head(task: Mapping[str, Any]) -> bytes:
     """The task JSON up to its output's value: ``{..., "output": ``."""
-    return json.dumps(task)[:-1].encode() + b', "output": '
+    return json.dumps(task, separators=(",", ":"))[:-1].encode() + b',"output":'
 
 
 def job_input(fields: Mapping[bytes, bytes]) -> Any:

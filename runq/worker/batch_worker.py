@@ -44,6 +44,7 @@ from runq.queue.tasks import (
     final_status,
     finish_by,
     job_input,
+    output_json,
 )
 from runq.settings import FunctionSettings
 from runq.webhook_sender import WebhookSender
@@ -301,14 +302,18 @@ class BatchWorker(SimpleWorker):
         if not outcome.ok:
             return outcome
         key = storage.output_key(self.function.name, task.task_id)
-        # Encoded once: the size check, the stored object and the record all use it.
-        output_json = JSONSerializer.dumps(outcome.output)
+        # Encoded once: the size check, the stored object, the record and the reply all use it.
         try:
-            stored = self.claim_check.check_in(key, output_json)
+            encoded = output_json(outcome.output)
+        except (ValueError, RecursionError) as exc:
+            message = f"{self.function.name} returned an output that is not strict JSON: {exc}"
+            return failure(ErrorCode.MODEL_ERROR, message)
+        try:
+            stored = self.claim_check.check_in(key, encoded)
         except StorageError as exc:
             return failure(ErrorCode.STORAGE_UNAVAILABLE, exc.message)
         if stored is None:
-            return dataclasses.replace(outcome, output_json=output_json)
+            return dataclasses.replace(outcome, output_json=encoded)
         return Outcome(output_ref=stored)
 
     def _time_limit(self, running: list[Running], claimed: Claimed) -> tuple[float, str]:

@@ -196,6 +196,20 @@ def test_wrong_number_of_outputs_fails_with_a_clear_message(client: httpx.Client
     assert "returned 2 outputs for a batch of 1 inputs" in response.json()["error"]["message"]
 
 
+def test_an_output_that_json_cannot_hold_fails_its_task_and_the_worker_goes_on(
+    client: httpx.Client,
+) -> None:
+    # Doubled, 4,300 nines have 4,301 digits: past what Python prints as JSON by default.
+    nines = int("9" * 4300)
+    response = client.post("/v1/functions/double/predict", json={"input": nines})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert "double returned an output that is not strict JSON" in error["message"]
+    task = client.get(f"/v1/tasks/{error['task_id']}/result").json()
+    assert task["status"] == "failed"
+    assert client.post("/v1/functions/double/predict", json={"input": 21}).json()["output"] == 42
+
+
 def test_timeout_above_the_limit_is_422_naming_it(client: httpx.Client) -> None:
     response = client.post("/v1/functions/echo/predict?timeout=31", json={"input": 1})
     assert response.status_code == 422

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-import redis.asyncio as aioredis
 from redis import Redis
 from rq.serializers import JSONSerializer
 
 from runq.queue import constants
+from runq.queue.connection import async_redis
 from runq.queue.enqueue import Enqueue, Enqueued, Reply, Request
 from runq.queue.tasks import new_job_fields
 from runq.settings import FunctionSettings
@@ -32,7 +32,7 @@ def request(max_queue: int) -> Request:
 
 
 async def admit_all(valkey_url: str, count: int, max_queue: int) -> list[Enqueued]:
-    redis = aioredis.Redis.from_url(valkey_url)
+    redis = async_redis(valkey_url)
     try:
         enqueue = Enqueue(redis, idempotency_ttl_s=60)
         return await asyncio.gather(*(enqueue(request(max_queue)) for _ in range(count)))

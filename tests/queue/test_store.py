@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runq.queue.store import retry_after_s
+from runq.queue.store import new_task_id, retry_after_s
 
 
 @pytest.mark.parametrize(
@@ -22,3 +22,11 @@ def test_retry_after_is_the_time_to_drain_half_the_queue(
     drain_rate: float, max_queue: int, expected: int
 ) -> None:
     assert retry_after_s(drain_rate, max_queue) == expected
+
+
+def test_a_task_id_never_reads_as_a_command_line_option() -> None:
+    # `rq requeue ID` took an id starting with '-' for an option (1 id in 64 did).
+    ids = {new_task_id() for _ in range(5000)}
+    assert len(ids) == 5000
+    assert not [task_id for task_id in ids if task_id.startswith("-")]
+    assert all(len(task_id) == 22 for task_id in ids)

@@ -1,0 +1,36 @@
+"""The gateway's Redis client packs commands with hiredis and still says what redis-py says."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio.connection import UnixDomainSocketConnection
+from redis.exceptions import DataError
+
+from runq.queue.connection import async_redis
+
+
+def test_values_of_every_kind_go_and_come_back_as_redis_py_sends_them(valkey_url: str) -> None:
+    async def scenario() -> list[object]:
+        redis = async_redis(valkey_url)
+        try:
+            values = {"s": "héllo wörld", "b": b"\x00\xff", "i": 10**30, "f": 0.1, "e": ""}
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.hset("test:packing", mapping=values)
+                pipe.hmget("test:packing", list(values))
+                pipe.delete("test:packing")
+                replies: list[object] = await pipe.execute()
+            with pytest.raises(DataError):
+                await redis.set("test:packing", True)  # type: ignore[arg-type]
+            return replies
+        finally:
+            await redis.aclose()
+
+    replies = asyncio.run(scenario())
+    assert replies[1] == ["héllo wörld".encode(), b"\x00\xff", b"1" + b"0" * 30, b"0.1", b""]
+
+
+def test_the_url_still_chooses_the_transport() -> None:
+    redis = async_redis("unix:///tmp/runq-no-such.sock")
+    assert issubclass(redis.connection_pool.connection_class, UnixDomainSocketConnection)
