@@ -296,17 +296,22 @@ def _bench_echo_target(
 
 
 def echo_ratios(results: list[LoadResult]) -> list[dict[str, Any]]:
-    by_key = {(r.target, r.concurrency): r for r in results}
+    """runq against bare FastAPI at each concurrency; bare's figures are the mean of its runs
+    (before and after runq's), so that a drift of the machine during the run weighs on both."""
     ratios = []
     for concurrency in CONCURRENCIES:
-        bare, runq = by_key.get(("bare", concurrency)), by_key.get(("runq", concurrency))
-        if bare is None or runq is None:
+        bare = [r for r in results if r.target == "bare" and r.concurrency == concurrency]
+        runq = [r for r in results if r.target == "runq" and r.concurrency == concurrency]
+        if not bare or not runq:
             continue
+        bare_rps = sum(r.rps for r in bare) / len(bare)
+        bare_p50_ms = sum(r.p50_ms for r in bare) / len(bare)
         ratios.append(
             {
                 "concurrency": concurrency,
-                "rps_ratio": runq.rps / bare.rps if bare.rps else 0.0,
-                "added_p50_ms": runq.p50_ms - bare.p50_ms,
+                "bare_rps": bare_rps,
+                "rps_ratio": runq[0].rps / bare_rps if bare_rps else 0.0,
+                "added_p50_ms": runq[0].p50_ms - bare_p50_ms,
             }
         )
     return ratios
@@ -319,6 +324,7 @@ def print_echo(results: list[LoadResult], ratios: list[dict[str, Any]], duration
     for r in results:
         if r.cost.redis_top:
             print(f"  {r.target} c={r.concurrency} Redis commands per request: {top_text(r.cost)}")
+    print("  bare ran before and after runq: the ratios below take the mean of its two runs")
     print(f"\n{'conc':>4}  {'runq/bare req/s':>15}  {'added p50 ms':>12}  target")
     for row in ratios:
         concurrency, ratio, added = row["concurrency"], row["rps_ratio"], row["added_p50_ms"]
@@ -385,6 +391,11 @@ def bench_offline_embed(sentences_file: Path, duration_s: float) -> dict[str, An
         raise BenchError(f"offline embedding failed (exit {done.returncode}):\n{done.stderr}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
+
+
+def mean_offline(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    rates = [before["sentences_per_s"], after["sentences_per_s"]]
+    return {**before, "sentences_per_s": sum(rates) / 2, "runs_sentences_per_s": rates}
 
 
 def embed_check(url: str, body: object) -> Callable[[], None]:
@@ -461,9 +472,11 @@ def print_embed(
     summary: dict[str, Any] = {}
     if offline is not None:
         summary["offline_sentences_per_s"] = offline["sentences_per_s"]
+        runs = " and ".join(f"{rate:,.1f}" for rate in offline.get("runs_sentences_per_s", []))
         print(
             f"  {'model called directly, batch ' + str(offline['batch_size']) + ':':<34}"
             f" {offline['sentences_per_s']:>9,.1f} sentences/s"
+            + (f" (mean of {runs}, before and after serving)" if runs else "")
         )
     if served is not None:
         summary["runq_sentences_per_s"] = served.rps
@@ -554,11 +567,16 @@ def _run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     if args.only in (None, "echo"):
         echo = bench_bare_echo(tmp, bodies, args.duration)
         echo += bench_runq_echo(tmp, bodies, args.duration)
+        echo += bench_bare_echo(tmp, bodies, args.duration)
         ratios = echo_ratios(echo)
         print_echo(echo, ratios, args.duration)
         results["echo"] = {"runs": [asdict(r) for r in echo], "ratios": ratios}
     if args.only in (None, "embed"):
         served, batches = bench_runq_embed(tmp, bodies, args.duration)
+        # The model alone again, after serving: the baseline is the mean of the two runs.
+        assert offline is not None
+        print("  direct: timing the model in its own process again", flush=True)
+        offline = mean_offline(offline, bench_offline_embed(sentences_file, args.duration))
         summary = print_embed(offline, served, batches)
         results["embed"] = {"offline": offline, "runq": asdict(served), **summary}
     if args.only in (None, "drain"):
