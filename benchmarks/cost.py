@@ -30,6 +30,9 @@ _REDIS_BINARIES = (b"valkey-server", b"redis-server")
 _COMMAND_ROLES = {b"gateway": GATEWAY, b"worker": WORKER, b"serve": SUPERVISOR}
 
 TOP_COMMANDS = 6
+# INFO commandstats counts the commands a script runs as well as the call that ran it; these
+# names are the calls. (A server's stats cannot tell a client's HSET from a script's.)
+SCRIPT_COMMANDS = ("evalsha", "evalsha_ro", "eval", "eval_ro", "fcall", "fcall_ro")
 
 Ticks = dict[int, int]
 
@@ -134,6 +137,8 @@ class Cost:
     redis_cpu_us: float | None = None
     supervisor_cpu_us: float | None = None
     redis_cmds: float | None = None
+    # Script calls (EVALSHA and its kin): each is one round trip, whatever it runs inside.
+    redis_scripts: float | None = None
     # The most frequent commands, per task, most frequent first.
     redis_top: dict[str, float] = field(default_factory=dict)
 
@@ -196,12 +201,13 @@ def cost_between(before: Reading, after: Reading, count: int) -> Cost:
             continue
         ticks = sum(t - before.ticks[role].get(pid, 0) for pid, t in after.ticks[role].items())
         per_task[role] = ticks / CLOCK_TICKS_PER_S * 1e6 / count
-    calls, top = None, {}
+    calls, scripts, top = None, None, {}
     if before.calls is not None and after.calls is not None:
         by_name = {name: n - before.calls.get(name, 0) for name, n in after.calls.items()}
         # Less the INFO that took the first reading (each is counted once it has run).
         by_name["info"] = by_name.get("info", 1) - 1
         calls = sum(by_name.values()) / count
+        scripts = sum(by_name.get(name, 0) for name in SCRIPT_COMMANDS) / count
         ranked = sorted(by_name.items(), key=lambda item: -item[1])[:TOP_COMMANDS]
         top = {name: n / count for name, n in ranked if n}
     return Cost(
@@ -210,5 +216,6 @@ def cost_between(before: Reading, after: Reading, count: int) -> Cost:
         redis_cpu_us=per_task[REDIS],
         supervisor_cpu_us=per_task[SUPERVISOR],
         redis_cmds=calls,
+        redis_scripts=scripts,
         redis_top=top,
     )

@@ -61,6 +61,8 @@ RQ_QUEUE = "drain-noop"
 
 TASKS = 20_000
 MAX_BATCH_SIZE = 64
+# The target, counted as INFO commandstats counts (the commands scripts run included).
+MAX_COMMANDS_PER_TASK = 3
 SUBMIT_THREADS = 8
 POLL_S = 0.05
 # Stock RQ takes a job at a time: a few hundred a second on a small machine.
@@ -388,7 +390,7 @@ def print_drain(result: dict[str, Any]) -> None:
     )
     print(
         f"{'system':<6}  {'enqueue/s':>9}  {'enq cmds':>8}  {'wall s':>7}  {'tasks/s':>8}"
-        f"  {'steady/s':>8}  {'wk µs':>7}  {'redis µs':>8}  {'cmds':>6}"
+        f"  {'steady/s':>8}  {'wk µs':>7}  {'redis µs':>8}  {'cmds':>6}  {'scripts':>7}"
     )
     for system in ("runq", "rq"):
         r = result[system]
@@ -399,13 +401,15 @@ def print_drain(result: dict[str, Any]) -> None:
             f"  {cell(r['wall_s'], 7)}  {cell(r['tasks_per_s'], 8, 0)}"
             f"  {cell(r['steady_per_s'], 8, 0)}  {cell(cost['worker_cpu_us'], 7, 0)}"
             f"  {cell(cost['redis_cpu_us'], 8, 0)}  {cell(cost['redis_cmds'], 6, 2)}"
+            f"  {cell(cost.get('redis_scripts'), 7, 3)}"
         )
         if r["error"]:
             print(f"{'':<6}  error: {r['error']}")
     print(
         "  wall: the worker's start → the last task done; steady: from the first task taken;"
         " wk/redis µs: CPU per task and cmds: Redis commands per task, over the steady window;"
-        " enq cmds: Redis commands per task enqueued"
+        " enq cmds: Redis commands per task enqueued; scripts: script calls per task (one round"
+        " trip each; cmds counts what they run too)"
     )
     for system in ("runq", "rq"):
         cost = Cost(**result[system]["cost"])
@@ -415,3 +419,11 @@ def print_drain(result: dict[str, Any]) -> None:
         steady_text = f", {steady:.1f}x steady" if steady is not None else ""
         judged = verdict(result["met"], f">= {result['min_ratio']:g}x RQ from the worker's start")
         print(f"  runq / rq: {ratio:.1f}x from the worker's start{steady_text}  {judged}")
+    runq_cost = result["runq"]["cost"]
+    if runq_cost.get("redis_cmds") is not None:
+        commands, scripts = runq_cost["redis_cmds"], runq_cost.get("redis_scripts") or 0.0
+        judged = verdict(commands <= MAX_COMMANDS_PER_TASK, f"<= {MAX_COMMANDS_PER_TASK} commands")
+        print(
+            f"  runq Redis commands per task at batch {result['max_batch_size']}: {commands:.1f}"
+            f" (in {scripts:.3f} script calls per task)  {judged}"
+        )

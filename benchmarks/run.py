@@ -341,7 +341,7 @@ def print_echo(results: list[LoadResult], ratios: list[dict[str, Any]], duration
 COST_LEGEND = (
     "  gw/wk/redis µs: CPU per request of the gateway process(es), the worker(s) and Redis"
     " (/proc utime+stime over the run); cmds: Redis commands per request (INFO commandstats:"
-    " those a Lua script runs count too)"
+    " those a Lua script runs count too); scripts: script calls per request, a round trip each"
 )
 
 
@@ -356,7 +356,7 @@ def load_table(results: list[LoadResult]) -> str:
     header = (
         f"{'target':<6}  {'conc':>4}  {'req/s':>9}  {'p50 ms':>8}  {'p99 ms':>8}"
         f"  {'requests':>9}  {'non-2xx':>7}  {'sock err':>8}"
-        f"  {'gw µs':>7}  {'wk µs':>7}  {'redis µs':>8}  {'cmds':>6}"
+        f"  {'gw µs':>7}  {'wk µs':>7}  {'redis µs':>8}  {'cmds':>6}  {'scripts':>7}"
     )
     rows = [header]
     for r in results:
@@ -367,6 +367,7 @@ def load_table(results: list[LoadResult]) -> str:
             f"  {r.requests:>9,}  {non2xx:>7}  {r.socket_errors:>8}"
             f"  {cell(c.gateway_cpu_us, 7, 0)}  {cell(c.worker_cpu_us, 7, 0)}"
             f"  {cell(c.redis_cpu_us, 8, 0)}  {cell(c.redis_cmds, 6, 1)}"
+            f"  {cell(c.redis_scripts, 7, 2)}"
         )
     return "\n".join(rows)
 

@@ -17,6 +17,7 @@ from runq.errors import (
     Timeout,
     Unavailable,
     ValidationFailed,
+    WorkerLost,
 )
 from runq.functions import Function, function
 
@@ -40,5 +41,6 @@ __all__ = [
     "Timeout",
     "Unavailable",
     "ValidationFailed",
+    "WorkerLost",
     "function",
 ]

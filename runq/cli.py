@@ -78,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         sub = command(name, handler, help_text)
         sub.add_argument("--host", help="bind address (default 127.0.0.1)")
         sub.add_argument("--port", type=int, help="bind port (default 8000)")
-        sub.add_argument("--api-workers", type=int, help="gateway processes (default 1)")
+        sub.add_argument(
+            "--api-workers", type=int, help="gateway processes (default: one per core, at most 4)"
+        )
         sub.add_argument("--backlog", type=int, help="listen backlog (default 2048)")
         sub.add_argument("--ssl-certfile", type=Path)
         sub.add_argument("--ssl-keyfile", type=Path)

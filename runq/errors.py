@@ -118,6 +118,17 @@ class ModelError(RunqError):
     code = ErrorCode.MODEL_ERROR
 
 
+class WorkerLost(RunqError):
+    """The worker running the task stopped answering, and the task's retries are spent.
+
+    Not the model's fault: the same request may be sent again, and its Idempotency-Key then
+    runs it anew rather than answering with the lost task.
+    """
+
+    status_code = 502
+    code = ErrorCode.WORKER_LOST
+
+
 class Unavailable(RunqError):
     status_code = 503
     code = ErrorCode.UNAVAILABLE

@@ -98,6 +98,16 @@ class ExponentialBuckets(BaseModel):
 MAX_BUCKETS = 60
 
 
+# The gateway is CPU-bound Python: one process per core serves noop predict a third faster than
+# one on 2 cores (benchmarks/run.py --only echo), and an idle one costs only its memory.
+API_WORKERS_MAX_DEFAULT = 4
+
+
+def default_api_workers() -> int:
+    """One gateway process per core this process may run on, at most API_WORKERS_MAX_DEFAULT."""
+    return max(1, min(len(os.sched_getaffinity(0)), API_WORKERS_MAX_DEFAULT))
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -105,7 +115,7 @@ class Settings(BaseModel):
     redis_url: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_workers: int = Field(1, ge=1)
+    api_workers: int = Field(default_factory=default_api_workers, ge=1)
     backlog: int = Field(2048, ge=1)
     default_timeout_s: float = Field(30.0, gt=0)
     max_timeout_s: float = Field(300.0, gt=0)

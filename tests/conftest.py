@@ -55,7 +55,9 @@ def procs(
         name = "-".join(a.replace("/", "_") for a in args[:4])
         proc = Proc(
             list(args),
-            {"RUNQ_REDIS_URL": valkey_url, **(env or {})},
+            # One gateway process unless a test asks for more: the suite's assertions about
+            # a process's limits (max_inflight) hold for one.
+            {"RUNQ_REDIS_URL": valkey_url, "RUNQ_API_WORKERS": "1", **(env or {})},
             logs / f"{len(started)}-{name}.log",
         )
         started.append(proc)

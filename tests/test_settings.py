@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pydantic
@@ -286,3 +287,9 @@ def test_invalid_request_buckets_stop_the_start(buckets: object) -> None:
     result = run_runq("config", "show", TARGET, env={"RUNQ_REQUEST_BUCKETS": json.dumps(buckets)})
     assert result.returncode == 2
     assert "request_buckets" in result.stderr
+
+
+def test_a_gateway_process_per_core_by_default_at_most_four() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert Settings().api_workers == min(cores, 4)
+    assert Settings(api_workers=1).api_workers == 1

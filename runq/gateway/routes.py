@@ -29,6 +29,7 @@ from runq.errors import (
     Timeout,
     Unavailable,
     ValidationFailed,
+    WorkerLost,
 )
 from runq.functions import Function
 from runq.gateway.lean import (
@@ -355,6 +356,8 @@ async def _predict_answer(
         )
         return _replayed(pending, admitted)
     error = task.get("error") or {}
+    if status == TaskStatus.FAILED and error.get("code") == ErrorCode.WORKER_LOST:
+        raise WorkerLost(error["message"], task_id=task_id)
     if status == TaskStatus.FAILED:
         raise ModelError(error.get("message", "the function failed"), task_id=task_id)
     if status == TaskStatus.TIMED_OUT:

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 from rq.job import JobStatus
 
+from runq.errors import ErrorCode
 from runq.queue import constants, lua
 
 # KEYS[1] the task's queue list, KEYS[2] its job hash, KEYS[3] RQ's set of queue keys,
@@ -28,19 +29,25 @@ from runq.queue import constants, lua
 # one at once instead of on its next look.
 # Returns {Reply, value}: the task id, or the drain rate when the queue was full (nothing
 # written). A key whose task was withdrawn before it ever started (a predict that timed out in
-# the queue) is free again: a retry must be able to run what never ran.
+# the queue), or whose worker was lost with its retries spent, is free again: a retry must be
+# able to run what never ran, or never finished through no fault of its own.
 ENQUEUE = lua.script(
     """
 local idempotency = KEYS[10]
 if idempotency then
   local held = redis.call('HMGET', idempotency, IDEM_TASK, IDEM_BODY)
   if held[1] then
-    local task = redis.call('HMGET', JOB_PREFIX .. held[1], STATUS, STARTED_AT)
+    local task = redis.call('HMGET', JOB_PREFIX .. held[1], STATUS, STARTED_AT, ERROR)
     if not task[1] then
       return {EXPIRED, held[1]}
     end
     local never_ran = task[1] == CANCELED and (not task[2] or task[2] == '')
-    if not never_ran then
+    local lost = false
+    if task[1] == FAILED and task[3] then
+      local ok, error = pcall(cjson.decode, task[3])
+      lost = ok and type(error) == 'table' and error.code == WORKER_LOST
+    end
+    if not (never_ran or lost) then
       if held[2] == ARGV[4] then
         return {REPLAYED, held[1]}
       end
@@ -87,6 +94,9 @@ return {ENQUEUED, ARGV[2]}
     STATUS=constants.STATUS_FIELD,
     STARTED_AT=constants.STARTED_AT_FIELD,
     CANCELED=JobStatus.CANCELED.value,
+    FAILED=JobStatus.FAILED.value,
+    ERROR=constants.ERROR_FIELD,
+    WORKER_LOST=ErrorCode.WORKER_LOST.value,
     DEADLINE=constants.DEADLINE_FIELD,
     FINISH_BY=constants.FINISH_BY_FIELD,
     IDEMPOTENCY=constants.IDEMPOTENCY_FIELD,

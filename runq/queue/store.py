@@ -216,10 +216,10 @@ def _refused(function: str, settings: FunctionSettings, enqueued: Enqueued) -> A
     if enqueued.reply == Reply.REPLAYED:
         return Admitted(held, replayed=True, task=None)
     if enqueued.reply == Reply.CONFLICT:
+        # Never the task's id: it is its read capability, and this caller may not own it.
         raise IdempotencyConflict(
-            f"Idempotency-Key already names task {held}, asked with a different body; "
-            "use a new key for a new request",
-            task_id=held,
+            "Idempotency-Key is already taken by a request with a different body; "
+            "use a new key for a new request"
         )
     if enqueued.reply == Reply.EXPIRED:
         raise Gone(

@@ -7,6 +7,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -141,23 +142,43 @@ def test_sigkill_storm_loses_no_task(scaled: httpx.Client, autoscaler: Proc, red
     assert redis.zcard("runq:leases:fragile") == 0
 
 
-def test_a_task_whose_worker_dies_without_retries_fails_worker_lost(
-    scaled: httpx.Client, autoscaler: Proc
+def test_a_predict_whose_worker_dies_without_retries_answers_worker_lost(
+    scaled: httpx.Client, autoscaler: Proc, redis: Redis
 ) -> None:
-    task = scaled.post("/v1/functions/doomed/tasks", json={"input": 60}).json()
-    wait_until(
-        lambda: scaled.get(f"/v1/tasks/{task['id']}").json()["status"] == "running",
-        30,
-        "the task to start",
-    )
-    (pid,) = workers_of(autoscaler, "doomed")
-    killed_at = time.monotonic()
-    os.kill(pid, signal.SIGKILL)
-    ended = scaled.get(f"/v1/tasks/{task['id']}/result?wait=25").json()
-    assert ended["status"] == "failed"
-    assert ended["error"]["code"] == "worker_lost"
+    key = {"Idempotency-Key": f"doomed-{time.time_ns()}"}
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(
+            scaled.post,
+            "/v1/functions/doomed/predict?timeout=28",
+            json={"input": 60},
+            headers=key,
+            timeout=35,
+        )
+        running = wait_until(lambda: running_task(redis, "doomed"), 30, "the task to start")
+        (pid,) = workers_of(autoscaler, "doomed")
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        response = answer.result()
+    # Not the model's fault, and not a model_error: its own code, a 5xx a client may retry.
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "worker_lost"
+    assert response.json()["error"]["task_id"] == running
+    ended = scaled.get(f"/v1/tasks/{running}").json()
+    assert (ended["status"], ended["error"]["code"]) == ("failed", "worker_lost")
     # Leases lapse in 8 s and are looked for every second.
     assert time.monotonic() - killed_at < 15
+    # The same request again runs anew instead of answering with the lost task.
+    again = scaled.post("/v1/functions/doomed/tasks", json={"input": 60}, headers=key)
+    assert again.status_code == 202
+    assert again.json()["id"] != running
+    assert "idempotent-replayed" not in again.headers
+    assert scaled.post(f"/v1/tasks/{again.json()['id']}/cancel").status_code == 200
+
+
+def running_task(redis: Redis, function: str) -> str | None:
+    """The id of a task of `function` a worker holds a lease on."""
+    held = redis.zrange(f"runq:leases:{function}", 0, 0)
+    return held[0].decode() if held else None
 
 
 def test_a_deployed_max_replicas_holds_a_running_autoscaler(
