@@ -70,8 +70,10 @@ class WorkerPool:
                 logger.info("worker %s (pid %d) draining", self.function, worker.process.pid)
 
     def stop(self, grace_s: float) -> None:
+        # One signal per worker: a worker takes a second one as "die now", mid-batch.
         for worker in self.live:
-            if worker.process.poll() is None:
+            if worker.process.poll() is None and not worker.draining:
+                worker.draining = True
                 worker.process.send_signal(signal.SIGTERM)
         terminate([w.process for w in self.live], grace_s)
         self.live.clear()

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -146,11 +147,13 @@ def test_a_predict_whose_worker_dies_without_retries_answers_worker_lost(
     scaled: httpx.Client, autoscaler: Proc, redis: Redis
 ) -> None:
     key = {"Idempotency-Key": f"doomed-{time.time_ns()}"}
+    # 12 s: longer than the 8 s lease that must lapse, short enough that a worker still running
+    # the retry below drains before this module's autoscaler is stopped.
     with ThreadPoolExecutor(1) as pool:
         answer = pool.submit(
             scaled.post,
             "/v1/functions/doomed/predict?timeout=28",
-            json={"input": 60},
+            json={"input": 12},
             headers=key,
             timeout=35,
         )
@@ -168,7 +171,7 @@ def test_a_predict_whose_worker_dies_without_retries_answers_worker_lost(
     # Leases lapse in 8 s and are looked for every second.
     assert time.monotonic() - killed_at < 15
     # The same request again runs anew instead of answering with the lost task.
-    again = scaled.post("/v1/functions/doomed/tasks", json={"input": 60}, headers=key)
+    again = scaled.post("/v1/functions/doomed/tasks", json={"input": 12}, headers=key)
     assert again.status_code == 202
     assert again.json()["id"] != running
     assert "idempotent-replayed" not in again.headers
@@ -200,3 +203,25 @@ def test_a_deployed_max_replicas_holds_a_running_autoscaler(
         assert len(workers_of(autoscaler, "burst")) <= 1
     finally:
         redis.delete("runq:deployed", "runq:deployed:version")
+
+
+def test_sigterm_to_the_autoscaler_drains_the_batch_in_hand(procs: Callable[..., Proc]) -> None:
+    # Scaling to zero and then stopping signalled a draining worker twice; the second signal
+    # killed it mid-batch (3 drains in 5). Every try must drain.
+    target = str(ROOT / "tests" / "fns_drain.py")
+    client = httpx.Client(base_url=start_gateway(procs, target=target), timeout=30)
+    for attempt in range(4):
+        ended, output = stopped_while_running(procs, client, target)
+        assert ended["status"] == "succeeded", (attempt, ended, output)
+
+
+def stopped_while_running(
+    procs: Callable[..., Proc], client: httpx.Client, target: str
+) -> tuple[dict[str, Any], str]:
+    """A task's state once the autoscaler running it got SIGTERM mid-task, and its output."""
+    autoscaler = procs("autoscale", target)
+    task = client.post("/v1/functions/lingering/tasks", json={"input": 1.5}).json()
+    url = f"/v1/tasks/{task['id']}"
+    wait_until(lambda: client.get(url).json()["status"] == "running", 30, "the task to start")
+    assert autoscaler.stop(signal.SIGTERM) == 0
+    return client.get(url).json(), autoscaler.output()
