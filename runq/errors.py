@@ -33,6 +33,8 @@ class ErrorCode(StrEnum):
     TIMED_OUT = "timed_out"
     CANCELED = "canceled"
     WORKER_LOST = "worker_lost"
+    # The function returned what JSON cannot carry (NaN, Infinity, a lone surrogate, ...).
+    INVALID_OUTPUT = "invalid_output"
 
 
 class RunqError(Exception):
@@ -116,6 +118,12 @@ class ModelError(RunqError):
 
     status_code = 500
     code = ErrorCode.MODEL_ERROR
+
+
+class InvalidOutput(ModelError):
+    """The function returned an output that strict JSON cannot carry; the message says why."""
+
+    code = ErrorCode.INVALID_OUTPUT
 
 
 class WorkerLost(RunqError):

@@ -24,8 +24,10 @@ from runq import webhooks
 from runq.errors import (
     Conflict,
     ErrorCode,
+    InvalidOutput,
     ModelError,
     NotFound,
+    RunqError,
     Timeout,
     Unavailable,
     ValidationFailed,
@@ -356,13 +358,19 @@ async def _predict_answer(
         )
         return _replayed(pending, admitted)
     error = task.get("error") or {}
-    if status == TaskStatus.FAILED and error.get("code") == ErrorCode.WORKER_LOST:
-        raise WorkerLost(error["message"], task_id=task_id)
     if status == TaskStatus.FAILED:
-        raise ModelError(error.get("message", "the function failed"), task_id=task_id)
+        failed = _FAILURES.get(error.get("code"), ModelError)
+        raise failed(error.get("message", "the function failed"), task_id=task_id)
     if status == TaskStatus.TIMED_OUT:
         raise Timeout(error.get("message", "the task timed out"), task_id=task_id)
     raise Conflict(error.get("message", f"task {task_id} was canceled"), task_id=task_id)
+
+
+# How a failed task's predict answers, by its error code; any other code is a model_error.
+_FAILURES: dict[str | None, type[RunqError]] = {
+    ErrorCode.WORKER_LOST: WorkerLost,
+    ErrorCode.INVALID_OUTPUT: InvalidOutput,
+}
 
 
 async def _give_up(
@@ -551,10 +559,15 @@ async def _stored_output(
         if url is not None:
             return RedirectResponse(url, status_code=307)
     head = task_json_head(task)
+    # The first chunk is read before the answer starts: a missing object must be an error
+    # answer, not a 200 cut short.
+    chunks = objects.chunks(output_ref)
+    first = await asyncio.to_thread(next, chunks, b"")
 
     def body() -> Iterator[bytes]:
         yield head
-        yield from objects.chunks(output_ref)
+        yield first
+        yield from chunks
         yield b"}"
 
     return StreamingResponse(body(), media_type="application/json")

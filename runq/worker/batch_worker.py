@@ -307,7 +307,7 @@ class BatchWorker(SimpleWorker):
             encoded = output_json(outcome.output)
         except (ValueError, RecursionError) as exc:
             message = f"{self.function.name} returned an output that is not strict JSON: {exc}"
-            return failure(ErrorCode.MODEL_ERROR, message)
+            return failure(ErrorCode.INVALID_OUTPUT, message)
         try:
             stored = self.claim_check.check_in(key, encoded)
         except StorageError as exc:

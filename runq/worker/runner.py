@@ -61,7 +61,9 @@ class ModelRunner:
             outputs = self._model(inputs)
         except BatchTimeout:
             raise
-        except Exception as exc:
+        # SystemExit, KeyboardInterrupt and the like too: a model that raises them fails its
+        # tasks, and the worker goes on (its own stop is a flag, never an exception).
+        except BaseException as exc:
             if len(inputs) == 1:
                 return [_model_failure(exc)]
             if not bisecting:
@@ -102,7 +104,7 @@ class ModelRunner:
                 outcomes.append(self._dump(self._model(value)))
             except BatchTimeout:
                 raise
-            except Exception as exc:
+            except BaseException as exc:
                 outcomes.append(_model_failure(exc))
         return outcomes
 
@@ -116,12 +118,12 @@ class ModelRunner:
             return Outcome(output=self._output.dump_python(output, mode="json"))
         except Exception as exc:
             return failure(
-                ErrorCode.MODEL_ERROR,
+                ErrorCode.INVALID_OUTPUT,
                 f"{self.function.name} returned an output that cannot be sent as JSON: {exc}",
             )
 
 
-def _model_failure(exc: Exception) -> Outcome:
+def _model_failure(exc: BaseException) -> Outcome:
     message = f"{type(exc).__name__}: {exc}"
     tb = "".join(traceback.format_exception(exc))
     logger.error("function raised %s", message, exc_info=exc)

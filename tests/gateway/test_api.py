@@ -204,9 +204,10 @@ def test_an_output_that_json_cannot_hold_fails_its_task_and_the_worker_goes_on(
     response = client.post("/v1/functions/double/predict", json={"input": nines})
     assert response.status_code == 500
     error = response.json()["error"]
+    assert error["code"] == "invalid_output"
     assert "double returned an output that is not strict JSON" in error["message"]
     task = client.get(f"/v1/tasks/{error['task_id']}/result").json()
-    assert task["status"] == "failed"
+    assert (task["status"], task["error"]["code"]) == ("failed", "invalid_output")
     assert client.post("/v1/functions/double/predict", json={"input": 21}).json()["output"] == 42
 
 

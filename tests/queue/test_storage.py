@@ -115,6 +115,19 @@ def test_deleting_a_task_deletes_its_objects(stored: httpx.Client, s3_endpoint: 
     assert not keys_under(s3_endpoint, f"objects/mirror/outputs/{task_id}")
 
 
+def test_a_stored_output_whose_object_is_gone_answers_a_json_error(
+    stored: httpx.Client, s3_endpoint: str
+) -> None:
+    task = stored.post("/v1/functions/mirror/tasks", json={"input": big_text()}).json()
+    assert stored.get(f"/v1/tasks/{task['id']}/result?wait=60").status_code == 200
+    (key,) = keys_under(s3_endpoint, f"objects/mirror/outputs/{task['id']}")
+    s3(s3_endpoint).delete_object(Bucket=BUCKET, Key=key)
+    # Once a 200 is sent a stream can only be cut short: the object is read before it starts.
+    answer = stored.get(f"/v1/tasks/{task['id']}/result")
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "storage_unavailable"
+
+
 def test_small_inputs_stay_inline(stored: httpx.Client, s3_endpoint: str) -> None:
     task = stored.post("/v1/functions/mirror/predict", json={"input": "abc"}).json()
     assert task["output"] == "cba"

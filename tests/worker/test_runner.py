@@ -228,8 +228,26 @@ def test_output_that_does_not_serialize_fails_the_task() -> None:
 
     outcomes = runner(leaky).run([1, 0])
     assert outcomes[0].output == 1
-    assert outcomes[1].error_code == "model_error"
+    assert outcomes[1].error_code == "invalid_output"
     assert "leaky returned an output that cannot be sent as JSON" in outcomes[1].error_message
+
+
+@pytest.mark.parametrize("raised", [SystemExit(3), KeyboardInterrupt(), GeneratorExit()])
+@pytest.mark.parametrize("batch", [True, False])
+def test_a_model_that_raises_a_base_exception_fails_its_tasks_and_the_runner_goes_on(
+    raised: BaseException, batch: bool
+) -> None:
+    @runq.function(batch=batch)
+    def quits(values: Any) -> Any:
+        if values in (0, [0]):
+            raise raised
+        return values
+
+    model = runner(quits)
+    (outcome,) = model.run([0])
+    assert outcome.error_code == "model_error"
+    assert outcome.error_message.startswith(type(raised).__name__)
+    assert outputs(model.run([1])) == [1]
 
 
 def test_class_model_keeps_state_across_batches() -> None:
