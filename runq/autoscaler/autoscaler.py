@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from redis import Redis
 from redis.client import PubSub
+from redis.exceptions import RedisError
 
 from runq.autoscaler.policy import Policy, decide
 from runq.autoscaler.pool import WorkerPool
@@ -22,6 +23,7 @@ from runq.metrics import metrics
 from runq.queue import constants
 from runq.queue.deployed import LiveSettings
 from runq.queue.figures import Figures, publish_replicas, withdraw_replicas
+from runq.queue.outage import Outage
 from runq.queue.reaper import Reaper
 from runq.settings import FunctionSettings
 
@@ -54,6 +56,7 @@ class Autoscaler:
         self.live = live
         self._figures = Figures(connection)
         self._pubsub: PubSub | None = None
+        self._outage = Outage("autoscaler", logger)
         self.functions = [
             Managed(
                 name=name,
@@ -69,11 +72,25 @@ class Autoscaler:
         ]
 
     def start(self) -> None:
+        # Subscribed on the first step, so that a start while Redis is down is an outage too.
         self._pubsub = self.connection.pubsub(ignore_subscribe_messages=True)
-        self._pubsub.subscribe(constants.DEMAND_CHANNEL)
 
     def step(self, wait_s: float = TICK_S) -> None:
-        """Waits up to ``wait_s`` for an enqueue to a function with no worker, then scales."""
+        """Waits up to ``wait_s`` for an enqueue to a function with no worker, then scales.
+
+        While Redis is unreachable it keeps its workers as they are (forgetting those that
+        exit) and waits out the outage instead of ending.
+        """
+        try:
+            self._step(wait_s)
+        except (RedisError, OSError) as exc:
+            for managed in self.functions:
+                managed.pool.poll()
+            time.sleep(self._outage.failed(exc))
+        else:
+            self._outage.succeeded()
+
+    def _step(self, wait_s: float) -> None:
         self._wait_for_demand(wait_s)
         self._follow_deployed()
         for managed in self.functions:
@@ -98,6 +115,8 @@ class Autoscaler:
 
     def _wait_for_demand(self, wait_s: float) -> None:
         assert self._pubsub is not None, "start() first"
+        if not self._pubsub.subscribed:
+            self._pubsub.subscribe(constants.DEMAND_CHANNEL)
         message = self._pubsub.get_message(timeout=wait_s)
         # One wake-up is enough: every function is looked at; drop the rest of the burst.
         while message is not None:

@@ -39,12 +39,24 @@ class WorkerPool:
         return sum(1 for worker in self.live if not worker.draining)
 
     def poll(self) -> None:
-        """Forgets workers that exited; a crash delays the next start when it repeats."""
+        """Forgets workers that exited; a crash delays the next start when it repeats.
+
+        A worker killed by a signal from outside (the OOM killer, a preemption, an operator's
+        SIGKILL) is no crash of its own: it is replaced at once, however often it happens.
+        """
         for worker in [w for w in self.live if w.process.poll() is not None]:
             self.live.remove(worker)
             code = worker.process.returncode
             if worker.draining:
                 logger.info("worker %s (pid %d) drained", self.function, worker.process.pid)
+                continue
+            if code < 0:
+                logger.warning(
+                    "worker %s (pid %d) was killed by signal %d; a new one starts now",
+                    self.function,
+                    worker.process.pid,
+                    -code,
+                )
                 continue
             lived = time.monotonic() - worker.started
             self._crashes = self._crashes + 1 if lived < CRASH_WINDOW_S else 1

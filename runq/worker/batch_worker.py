@@ -33,6 +33,7 @@ from runq.predlog import PredictionLog, prediction_record
 from runq.queue import constants, storage
 from runq.queue.claim import Claimed
 from runq.queue.deployed import LiveSettings
+from runq.queue.outage import Outage
 from runq.queue.reaper import Reaper
 from runq.queue.record import Recorder, Running
 from runq.queue.storage import ClaimCheck
@@ -58,7 +59,6 @@ HEARTBEAT_INTERVAL_S = 10.0
 SWEEP_INTERVAL_S = 600.0
 SWEEP_MARGIN_S = 24 * 3600.0
 # How long a worker that lost Redis waits before it tries again.
-REDIS_RETRY_S = 1.0
 
 
 @dataclass
@@ -135,14 +135,16 @@ class BatchWorker(SimpleWorker):
         for helper in self.helpers:
             helper.start()
         try:
+            outage = Outage(f"worker {self.name}", logger)
             while not self._stop_requested:
                 try:
                     self._step()
                 except RedisError as exc:
                     # Redis restarting or unreachable. A batch in hand is not recorded: its
                     # leases lapse and the reaper re-queues its tasks (at least once).
-                    logger.warning("worker %s: Redis unreachable (%s); retrying", self.name, exc)
-                    time.sleep(REDIS_RETRY_S)
+                    time.sleep(outage.failed(exc))
+                else:
+                    outage.succeeded()
         finally:
             self.leases.stop()
             for helper in self.helpers:

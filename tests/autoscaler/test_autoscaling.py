@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
+from runq.embedded import EmbeddedValkey
 from tests.helpers import (
     GATEWAY_ENV,
     ROOT,
@@ -225,3 +226,39 @@ def stopped_while_running(
     wait_until(lambda: client.get(url).json()["status"] == "running", 30, "the task to start")
     assert autoscaler.stop(signal.SIGTERM) == 0
     return client.get(url).json(), autoscaler.output()
+
+
+def test_the_autoscaler_rides_out_redis_being_down_at_start_and_restarting(
+    procs: Callable[..., Proc],
+) -> None:
+    port = free_port()
+    env = {"RUNQ_REDIS_URL": f"redis://127.0.0.1:{port}"}
+    target = str(ROOT / "tests" / "fns_drain.py")
+    autoscaler = procs("autoscale", target, env=env)
+    wait_until(lambda: "Redis unreachable" in autoscaler.output(), 30, "the outage to be noticed")
+    valkey = EmbeddedValkey(port=port)
+    valkey.start()
+    try:
+        url = start_gateway(procs, env=env, target=target)
+
+        def answered() -> bool:
+            try:
+                response = httpx.post(
+                    f"{url}/v1/functions/lingering/predict?timeout=5", json={"input": 0.01}
+                )
+            except httpx.HTTPError:
+                return False
+            return response.status_code == 200
+
+        wait_until(answered, 30, "a predict answered once Redis is up")
+        valkey.stop()
+        wait_until(lambda: autoscaler.output().count("Redis unreachable") >= 2, 30, "the restart")
+        valkey = EmbeddedValkey(port=port)
+        valkey.start()
+        wait_until(answered, 30, "a predict answered after the restart")
+        assert autoscaler.alive()
+        assert "Redis answers again" in autoscaler.output()
+        assert "Traceback" not in autoscaler.output()
+        assert autoscaler.stop(signal.SIGTERM) == 0
+    finally:
+        valkey.stop()
