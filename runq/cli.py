@@ -217,6 +217,7 @@ def _gateway(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from redis import Redis
 
+    from runq.queue.outage import wait_until_reachable
     from runq.queue.storage import ClaimCheck, open_store
     from runq.worker.batch_worker import BatchWorker
 
@@ -237,6 +238,8 @@ def _worker(args: argparse.Namespace) -> int:
             "choose one with --function"
         )
     connection = Redis.from_url(redis_url)
+    # RQ's worker reads from Redis as it is built: a worker started during an outage waits.
+    wait_until_reachable(connection, "worker", logger)
     _serve_metrics(settings)
     BatchWorker(
         fn,

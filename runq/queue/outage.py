@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 import time
 
+from redis import Redis
+from redis.exceptions import RedisError
+
 FIRST_DELAY_S = 0.25
 MAX_DELAY_S = 2.0
 
@@ -37,3 +40,16 @@ class Outage:
             down_s = time.monotonic() - self.since
             self.logger.warning("%s: Redis answers again, after %.1f s", self.who, down_s)
             self.since = None
+
+
+def wait_until_reachable(connection: Redis, who: str, logger: logging.Logger) -> None:
+    """Returns once Redis answers: a process started during an outage waits it out."""
+    outage = Outage(who, logger)
+    while True:
+        try:
+            connection.ping()
+        except RedisError as exc:
+            time.sleep(outage.failed(exc))
+        else:
+            outage.succeeded()
+            return

@@ -10,7 +10,7 @@ import httpx
 from redis import Redis
 
 from runq.embedded import EmbeddedValkey
-from tests.helpers import Proc, free_port, start_gateway, start_worker, wait_until
+from tests.helpers import FNS, Proc, free_port, start_gateway, start_worker, wait_until
 
 
 def test_sigterm_drains_the_task_in_hand_and_takes_nothing_new(
@@ -64,6 +64,26 @@ def test_a_worker_rides_through_a_redis_restart(procs: Callable[..., Proc]) -> N
         valkey.start()
         wait_until(lambda: answered("after"), 30, "a predict answered after the restart")
         assert worker.alive()
+        assert worker.stop(signal.SIGTERM) == 0
+    finally:
+        valkey.stop()
+
+
+def test_a_worker_started_while_redis_is_down_waits_for_it(procs: Callable[..., Proc]) -> None:
+    port = free_port()
+    env = {"RUNQ_REDIS_URL": f"redis://127.0.0.1:{port}"}
+    worker = procs("worker", FNS, "--function", "echo", env=env)
+    wait_until(lambda: "Redis unreachable" in worker.output(), 30, "the outage to be noticed")
+    assert worker.alive(), worker.output()
+    valkey = EmbeddedValkey(port=port)
+    valkey.start()
+    try:
+        with Redis.from_url(valkey.url) as redis:
+            wait_until(lambda: redis.scard("rq:workers:runq.echo") == 1, 30, "the worker")
+        url = start_gateway(procs, env=env)
+        answer = httpx.post(f"{url}/v1/functions/echo/predict?timeout=10", json={"input": "up"})
+        assert answer.json()["output"] == "up"
+        assert "Redis answers again" in worker.output()
         assert worker.stop(signal.SIGTERM) == 0
     finally:
         valkey.stop()
