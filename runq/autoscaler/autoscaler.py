@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from redis import Redis
 from redis.client import PubSub
-from redis.exceptions import RedisError
 
 from runq.autoscaler.policy import Policy, decide
 from runq.autoscaler.pool import WorkerPool
@@ -81,14 +80,9 @@ class Autoscaler:
         While Redis is unreachable it keeps its workers as they are (forgetting those that
         exit) and waits out the outage instead of ending.
         """
-        try:
-            self._step(wait_s)
-        except (RedisError, OSError) as exc:
-            for managed in self.functions:
-                managed.pool.poll()
-            time.sleep(self._outage.failed(exc))
-        else:
-            self._outage.succeeded()
+        for managed in self.functions:
+            managed.pool.poll()
+        self._outage.attempt(lambda: self._step(wait_s))
 
     def _step(self, wait_s: float) -> None:
         self._wait_for_demand(wait_s)
@@ -123,7 +117,6 @@ class Autoscaler:
             message = self._pubsub.get_message(timeout=0)
 
     def _follow(self, managed: Managed) -> None:
-        managed.pool.poll()
         managed.reaper.reap()
         figures = self._figures.read(managed.name)
         decision = decide(

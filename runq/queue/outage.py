@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -41,15 +42,19 @@ class Outage:
             self.logger.warning("%s: Redis answers again, after %.1f s", self.who, down_s)
             self.since = None
 
+    def attempt(self, step: Callable[[], object]) -> bool:
+        """Runs ``step``; if Redis fails it, waits before the next try. True once it ran."""
+        try:
+            step()
+        except RedisError as exc:
+            time.sleep(self.failed(exc))
+            return False
+        self.succeeded()
+        return True
+
 
 def wait_until_reachable(connection: Redis, who: str, logger: logging.Logger) -> None:
     """Returns once Redis answers: a process started during an outage waits it out."""
     outage = Outage(who, logger)
-    while True:
-        try:
-            connection.ping()
-        except RedisError as exc:
-            time.sleep(outage.failed(exc))
-        else:
-            outage.succeeded()
-            return
+    while not outage.attempt(connection.ping):
+        pass

@@ -135,16 +135,11 @@ class BatchWorker(SimpleWorker):
         for helper in self.helpers:
             helper.start()
         try:
+            # Redis restarting or unreachable: a batch in hand is not recorded; its leases
+            # lapse and the reaper re-queues its tasks (at least once).
             outage = Outage(f"worker {self.name}", logger)
             while not self._stop_requested:
-                try:
-                    self._step()
-                except RedisError as exc:
-                    # Redis restarting or unreachable. A batch in hand is not recorded: its
-                    # leases lapse and the reaper re-queues its tasks (at least once).
-                    time.sleep(outage.failed(exc))
-                else:
-                    outage.succeeded()
+                outage.attempt(self._step)
         finally:
             self.leases.stop()
             for helper in self.helpers:
