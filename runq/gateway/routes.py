@@ -281,7 +281,12 @@ async def submit_task(
 
 
 def _payload(entry: Served, body: Any) -> Any:
-    return entry.function.input_adapter.dump_python(body.input, mode="json")
+    try:
+        return entry.function.input_adapter.dump_python(body.input, mode="json")
+    except ValueError as exc:
+        # pydantic-core refuses to serialize past its depth limit (a few hundred levels),
+        # though it parsed and validated the input: the caller's input, not a server fault.
+        raise ValidationFailed(f"input cannot be encoded as JSON: {exc}") from None
 
 
 async def _checked_webhook(url: str | None, settings: Settings) -> str | None:

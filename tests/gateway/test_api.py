@@ -211,6 +211,19 @@ def test_an_output_that_json_cannot_hold_fails_its_task_and_the_worker_goes_on(
     assert client.post("/v1/functions/double/predict", json={"input": 21}).json()["output"] == 42
 
 
+def test_an_input_nested_too_deep_to_encode_is_a_422_not_a_500(client: httpx.Client) -> None:
+    # JSON parses and validates at 300 levels, but pydantic-core will not serialize it.
+    nested = b"[" * 300 + b"0" + b"]" * 300
+    response = client.post(
+        "/v1/functions/echo/predict",
+        content=b'{"input": ' + nested + b"}",
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 422, response.text[:300]
+    assert response.json()["error"]["code"] == "validation_error"
+    assert "input cannot be encoded as JSON" in response.json()["error"]["message"]
+
+
 def test_timeout_above_the_limit_is_422_naming_it(client: httpx.Client) -> None:
     response = client.post("/v1/functions/echo/predict?timeout=31", json={"input": 1})
     assert response.status_code == 422
