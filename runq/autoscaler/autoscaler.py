@@ -80,9 +80,9 @@ class Autoscaler:
         While Redis is unreachable it keeps its workers as they are (forgetting those that
         exit) and waits out the outage instead of ending.
         """
-        for managed in self.functions:
-            managed.pool.poll()
-        self._outage.attempt(lambda: self._step(wait_s))
+        if not self._outage.attempt(lambda: self._step(wait_s)):
+            for managed in self.functions:
+                managed.pool.poll()
 
     def _step(self, wait_s: float) -> None:
         self._wait_for_demand(wait_s)
@@ -117,6 +117,7 @@ class Autoscaler:
             message = self._pubsub.get_message(timeout=0)
 
     def _follow(self, managed: Managed) -> None:
+        managed.pool.poll()
         managed.reaper.reap()
         figures = self._figures.read(managed.name)
         decision = decide(

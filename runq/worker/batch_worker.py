@@ -58,7 +58,6 @@ logger = logging.getLogger("runq.worker")
 HEARTBEAT_INTERVAL_S = 10.0
 SWEEP_INTERVAL_S = 600.0
 SWEEP_MARGIN_S = 24 * 3600.0
-# How long a worker that lost Redis waits before it tries again.
 
 
 @dataclass
