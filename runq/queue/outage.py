@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
+
+T = TypeVar("T")
 
 FIRST_DELAY_S = 0.25
 MAX_DELAY_S = 2.0
@@ -52,9 +55,18 @@ class Outage:
         self.succeeded()
         return True
 
+    def retry(self, call: Callable[[], T]) -> T:
+        """Runs ``call`` until Redis is reachable for it; what Redis refuses is still raised."""
+        while True:
+            try:
+                value = call()
+            except (ConnectionError, TimeoutError) as exc:
+                time.sleep(self.failed(exc))
+                continue
+            self.succeeded()
+            return value
+
 
 def wait_until_reachable(connection: Redis, who: str, logger: logging.Logger) -> None:
     """Returns once Redis answers: a process started during an outage waits it out."""
-    outage = Outage(who, logger)
-    while not outage.attempt(connection.ping):
-        pass
+    Outage(who, logger).retry(connection.ping)

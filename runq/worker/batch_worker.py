@@ -134,8 +134,6 @@ class BatchWorker(SimpleWorker):
         for helper in self.helpers:
             helper.start()
         try:
-            # Redis restarting or unreachable: a batch in hand is not recorded; its leases
-            # lapse and the reaper re-queues its tasks (at least once).
             outage = Outage(f"worker {self.name}", logger)
             while not self._stop_requested:
                 outage.attempt(self._step)
@@ -205,13 +203,21 @@ class BatchWorker(SimpleWorker):
             run_started = time.perf_counter()
             outcomes = self._execute(tasks, claimed)
             run_ms = (time.perf_counter() - run_started) * 1000
-            results = self.recorder.record(tasks, outcomes, self.settings.max_concurrency)
+            results = self._record(tasks, outcomes)
         finally:
             self.leases.release()
         self.batches_run += 1
         self._observe(tasks, results, run_ms, claimed.server_now)
         if self.predictions is not None and self.settings.log_predictions > 0:
             self._log_predictions(self.predictions, tasks, results)
+
+    def _record(self, tasks: list[Running], outcomes: list[Outcome]) -> list[Outcome | None]:
+        # A batch that ran is not run again for want of Redis: its outcomes wait for Redis to
+        # answer. Leases that lapsed meanwhile are the reaper's; the script skips their tasks.
+        outage = Outage(f"worker {self.name}", logger)
+        return outage.retry(
+            lambda: self.recorder.record(tasks, outcomes, self.settings.max_concurrency)
+        )
 
     def _log_predictions(
         self, log: PredictionLog, running: list[Running], results: list[Outcome | None]

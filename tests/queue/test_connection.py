@@ -8,7 +8,9 @@ import pytest
 from redis.asyncio.connection import UnixDomainSocketConnection
 from redis.exceptions import DataError
 
+from runq.embedded import EmbeddedValkey
 from runq.queue.connection import async_redis
+from tests.helpers import free_port
 
 
 def test_values_of_every_kind_go_and_come_back_as_redis_py_sends_them(valkey_url: str) -> None:
@@ -34,3 +36,31 @@ def test_values_of_every_kind_go_and_come_back_as_redis_py_sends_them(valkey_url
 def test_the_url_still_chooses_the_transport() -> None:
     redis = async_redis("unix:///tmp/runq-no-such.sock")
     assert issubclass(redis.connection_pool.connection_class, UnixDomainSocketConnection)
+
+
+def test_connections_a_redis_restart_closed_are_replaced_before_anyone_sees_them() -> None:
+    port = free_port()
+    valkey = EmbeddedValkey(port=port)
+    valkey.start()
+
+    async def scenario() -> list[object]:
+        redis = async_redis(valkey.url)
+        try:
+            # Concurrent, so the pool opens (and then holds) a connection for each.
+            assert await asyncio.gather(*(redis.ping() for _ in range(8))) == [True] * 8
+            assert len(redis.connection_pool._available_connections) == 8
+            restart()
+            return list(await asyncio.gather(*(redis.ping() for _ in range(8))))
+        finally:
+            await redis.aclose()
+
+    def restart() -> None:
+        nonlocal valkey
+        valkey.stop()
+        valkey = EmbeddedValkey(port=port)
+        valkey.start()
+
+    try:
+        assert asyncio.run(scenario()) == [True] * 8
+    finally:
+        valkey.stop()

