@@ -279,11 +279,25 @@ def _prediction_log(settings: Settings) -> Any:
 
 
 class _StopFlag:
+    """Counts stop requests (Ctrl-C, SIGTERM, a closed terminal): the first drains every batch in
+    hand, a second cuts them short."""
+
     def __init__(self) -> None:
-        self.set = False
+        self.requests = 0
 
     def __call__(self, _signum: int, _frame: FrameType | None) -> None:
-        self.set = True
+        self.requests += 1
+
+    @property
+    def set(self) -> bool:
+        return self.requests > 0
+
+    def again(self) -> bool:
+        return self.requests > 1
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self)
 
 
 def _autoscaler(settings: Settings, target: str, functions: dict[str, Function]) -> Any:
@@ -309,8 +323,7 @@ def _autoscale(args: argparse.Namespace) -> int:
     settings, functions = _configured(args)
     _redis_url(settings, "autoscale")
     stop = _StopFlag()
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    stop.install()
     with _metrics_dir():
         _serve_metrics(settings)
         autoscaler = _autoscaler(settings, args.target, functions)
@@ -320,7 +333,7 @@ def _autoscale(args: argparse.Namespace) -> int:
             while not stop.set:
                 autoscaler.step()
         finally:
-            autoscaler.stop(_grace_s(settings, functions))
+            autoscaler.stop(_grace_s(settings, functions), stop.again)
     return 0
 
 
@@ -329,8 +342,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings, functions = _configured(args)
     stop = _StopFlag()
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    stop.install()
 
     valkey = None
     if settings.redis_url is None:
@@ -352,7 +364,7 @@ def _serve(args: argparse.Namespace) -> int:
                 _announce(settings, functions, stop)
                 code = _supervise(supervisor, stop, args, grace_s)
             finally:
-                supervisor.stop(grace_s)
+                supervisor.stop(grace_s, stop.again)
     finally:
         if valkey is not None:
             valkey.stop()
@@ -382,7 +394,7 @@ def _supervise(supervisor: Any, stop: _StopFlag, args: argparse.Namespace, grace
         changes = next(watcher, None)
         if changes:
             logger.info("source changed; restarting the gateway and workers")
-            supervisor.stop(grace_s)
+            supervisor.stop(grace_s, stop.again)
             supervisor.start()
     return 0
 

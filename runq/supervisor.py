@@ -9,7 +9,7 @@ import sys
 from collections.abc import Mapping
 
 from runq.autoscaler.autoscaler import TICK_S, Autoscaler
-from runq.autoscaler.pool import terminate
+from runq.autoscaler.pool import CutShort, never, terminate
 
 logger = logging.getLogger("runq.supervisor")
 
@@ -22,7 +22,9 @@ class Supervisor:
         self.gateway: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.gateway = subprocess.Popen(self.argv, env=self.env)  # noqa: S603
+        # Its own process group, as the workers have: a Ctrl-C reaches `runq serve` alone, which
+        # stops the gateway once the workers have recorded their batches.
+        self.gateway = subprocess.Popen(self.argv, env=self.env, process_group=0)  # noqa: S603
         logger.info("started the gateway (pid %d)", self.gateway.pid)
         self.autoscaler.start()
 
@@ -33,8 +35,8 @@ class Supervisor:
         self.autoscaler.step(TICK_S)
         return True
 
-    def stop(self, grace_s: float) -> None:
-        self.autoscaler.stop(grace_s)
+    def stop(self, grace_s: float, cut_short: CutShort = never) -> None:
+        self.autoscaler.stop(grace_s, cut_short)
         if self.gateway is not None and self.gateway.poll() is None:
             self.gateway.send_signal(signal.SIGTERM)
-            terminate([self.gateway], grace_s)
+            terminate([self.gateway], grace_s, cut_short)

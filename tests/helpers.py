@@ -116,7 +116,9 @@ def run_runq(
 class Proc:
     """A `python -m runq ...` child process whose output goes to a log file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], log: Path, own_group: bool = False
+    ) -> None:
         self.args = args
         self.log_path = log
         self._log = log.open("wb")
@@ -126,6 +128,8 @@ class Proc:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            # As a shell starts a job: a test can signal its whole group, as a Ctrl-C does.
+            process_group=0 if own_group else None,
         )
 
     @property

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,10 +24,13 @@ from tests.helpers import (
     wait_until,
 )
 
+DRAIN_FNS = str(ROOT / "tests" / "fns_drain.py")
 
-def serve(procs: Callable[..., Proc], target: str, port: int) -> Proc:
+
+def serve(procs: Callable[..., Proc], target: str, port: int, own_group: bool = False) -> Proc:
     # No RUNQ_REDIS_URL: serve starts its own embedded Valkey.
-    proc = procs("serve", target, "--port", str(port), env={"RUNQ_REDIS_URL": ""})
+    env = {"RUNQ_REDIS_URL": ""}
+    proc = procs("serve", target, "--port", str(port), env=env, own_group=own_group)
     wait_until(lambda: "runq is serving" in proc.output() or not proc.alive(), 60, "serve")
     assert proc.alive(), proc.output()
     return proc
@@ -46,6 +51,62 @@ def test_serve_answers_then_stops_cleanly_leaving_no_process(
     family = descendants(proc.pid)
     assert len(family) >= 3  # Valkey, gateway, worker
     assert proc.stop(sig, timeout_s=30) == 0
+    wait_until(lambda: not any(alive(pid) for pid in family), 10, "every child to exit")
+
+
+def predict_in_background(url: str, seconds: float) -> list[httpx.Response | httpx.HTTPError]:
+    """A predict of `lingering` sent from a thread; its answer (or failure) lands in the list."""
+    answers: list[httpx.Response | httpx.HTTPError] = []
+
+    def send() -> None:
+        predict = f"{url}/v1/functions/lingering/predict"
+        try:
+            answers.append(httpx.post(predict, json={"input": seconds}, timeout=60))
+        except httpx.HTTPError as exc:
+            answers.append(exc)
+
+    threading.Thread(target=send, daemon=True).start()
+    running = f"{url}/v1/functions/lingering"
+    wait_until(lambda: httpx.get(running).json()["running"] == 1, 30, "the predict to run")
+    return answers
+
+
+def test_ctrl_c_to_serves_process_group_drains_the_running_batch(
+    procs: Callable[..., Proc],
+) -> None:
+    # A Ctrl-C signals the terminal's whole group. It reached the gateway, the workers and
+    # Valkey too, and the batch in hand was killed every time (its predict answered 500).
+    port = free_port()
+    for attempt in range(3):
+        answer, output = interrupted_while_running(procs, port)
+        assert isinstance(answer, httpx.Response), (attempt, answer, output)
+        assert answer.status_code == 200, (attempt, answer.text, output)
+        assert answer.json()["output"] == 1.5
+
+
+def interrupted_while_running(
+    procs: Callable[..., Proc], port: int
+) -> tuple[httpx.Response | httpx.HTTPError, str]:
+    """The answer to a predict whose `runq serve` got a Ctrl-C mid-batch, and serve's output."""
+    proc = serve(procs, DRAIN_FNS, port, own_group=True)
+    answers = predict_in_background(f"http://127.0.0.1:{port}", 1.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.process.wait(timeout=60) == 0, proc.output()
+    wait_until(lambda: answers, 10, "the predict's answer")
+    return answers[0], proc.output()
+
+
+def test_a_second_ctrl_c_cuts_the_running_batch_short(procs: Callable[..., Proc]) -> None:
+    port = free_port()
+    proc = serve(procs, DRAIN_FNS, port, own_group=True)
+    family = descendants(proc.pid)
+    predict_in_background(f"http://127.0.0.1:{port}", 25)
+    os.killpg(proc.pid, signal.SIGINT)
+    wait_until(lambda: "draining" in proc.output(), 10, "the drain to start")
+    os.killpg(proc.pid, signal.SIGINT)
+    # Long before the 25 s batch (and the grace period past it) would end.
+    assert proc.process.wait(timeout=15) == 0, proc.output()
+    assert "asked to stop again" in proc.output()
     wait_until(lambda: not any(alive(pid) for pid in family), 10, "every child to exit")
 
 

@@ -17,7 +17,7 @@ from redis import Redis
 from redis.client import PubSub
 
 from runq.autoscaler.policy import Policy, decide
-from runq.autoscaler.pool import WorkerPool
+from runq.autoscaler.pool import CutShort, WorkerPool, never
 from runq.metrics import metrics
 from runq.queue import constants
 from runq.queue.deployed import LiveSettings
@@ -90,11 +90,11 @@ class Autoscaler:
         for managed in self.functions:
             self._follow(managed)
 
-    def stop(self, grace_s: float) -> None:
+    def stop(self, grace_s: float, cut_short: CutShort = never) -> None:
         for managed in self.functions:
             managed.pool.scale_to(0)
         for managed in self.functions:
-            managed.pool.stop(grace_s)
+            managed.pool.stop(grace_s, cut_short)
             withdraw_replicas(self.connection, managed.name)
         if self._pubsub is not None:
             self._pubsub.close()

@@ -6,7 +6,7 @@ import logging
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 logger = logging.getLogger("runq.autoscaler")
@@ -15,6 +15,15 @@ logger = logging.getLogger("runq.autoscaler")
 # a growing backoff (a setup() that raises would otherwise be restarted as fast as it fails).
 CRASH_WINDOW_S = 60.0
 RESTART_BACKOFF_MAX_S = 10.0
+# How often a stop in progress looks whether it was asked again, to cut it short.
+STOP_POLL_S = 0.1
+
+# True once the user asked to stop a second time: batches in hand may be cut short.
+CutShort = Callable[[], bool]
+
+
+def never() -> bool:
+    return False
 
 
 @dataclass
@@ -81,28 +90,42 @@ class WorkerPool:
                 worker.process.send_signal(signal.SIGTERM)
                 logger.info("worker %s (pid %d) draining", self.function, worker.process.pid)
 
-    def stop(self, grace_s: float) -> None:
+    def stop(self, grace_s: float, cut_short: CutShort = never) -> None:
         # One signal per worker: a worker takes a second one as "die now", mid-batch.
         for worker in self.live:
             if worker.process.poll() is None and not worker.draining:
                 worker.draining = True
                 worker.process.send_signal(signal.SIGTERM)
-        terminate([w.process for w in self.live], grace_s)
+        terminate([w.process for w in self.live], grace_s, cut_short)
         self.live.clear()
 
     def _spawn(self) -> None:
-        process = subprocess.Popen(self.argv, env=self.env)  # noqa: S603
+        # A process group of its own: a Ctrl-C in the terminal reaches the autoscaler alone,
+        # which drains each worker with one signal (a second one would cut its batch short).
+        process = subprocess.Popen(self.argv, env=self.env, process_group=0)  # noqa: S603
         self.live.append(WorkerProcess(process, time.monotonic()))
         logger.info("worker %s (pid %d) started", self.function, process.pid)
 
 
-def terminate(processes: Iterable[subprocess.Popen[bytes]], grace_s: float) -> None:
-    """Waits for processes already told to stop; kills those still there after ``grace_s``."""
+def terminate(
+    processes: Iterable[subprocess.Popen[bytes]], grace_s: float, cut_short: CutShort = never
+) -> None:
+    """Waits for processes already told to stop; kills those still there after ``grace_s``, or
+    as soon as ``cut_short`` says the user asked again."""
     deadline = time.monotonic() + grace_s
     for process in processes:
-        try:
-            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            logger.warning("pid %d did not stop within %.0f s; killing it", process.pid, grace_s)
+        while True:
+            try:
+                process.wait(timeout=STOP_POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if cut_short():
+                logger.warning("pid %d killed: asked to stop again", process.pid)
+            elif time.monotonic() < deadline:
+                continue
+            else:
+                logger.warning("pid %d did not stop in %.0f s; killing it", process.pid, grace_s)
             process.kill()
             process.wait()
+            break
