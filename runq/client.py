@@ -41,6 +41,7 @@ MIN_ATTEMPT_S = 0.1
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "timed_out"})
 # Answers worth asking again: overload, a gateway restarting or a proxy's failed hop.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 # Transport failures that may pass; a malformed URL or an unsupported scheme will not.
 TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 # ... and those where the request surely never reached the gateway.
@@ -88,7 +89,8 @@ class Task:
 class _Retry:
     """When to try again and how long to wait first; clocks and jitter are injectable."""
 
-    retries: int
+    # None: as many as the call's deadline allows.
+    retries: int | None
     backoff_s: float
     backoff_max_s: float
     clock: Callable[[], float] = time.monotonic
@@ -129,6 +131,8 @@ class _Attempts:
     count: int = 0
     # An attempt failed after its request may have reached the gateway.
     maybe_done: bool = False
+    # What names the call's task, for every error it raises: the caller can reach that task.
+    idempotency_key: str | None = None
 
     def elapsed(self) -> float:
         return self.policy.clock() - self.started
@@ -142,7 +146,8 @@ class _Attempts:
         Full-jitter backoff, at least ``Retry-After`` when given, capped by backoff_max_s; a wait
         that would leave no time before the deadline gives up at once instead.
         """
-        if self.count > self.policy.retries:
+        retries = self.policy.retries
+        if retries is not None and self.count > retries:
             return None
         delay = self.policy.backoff(self.count)
         hint = self.policy.retry_after(retry_after)
@@ -182,7 +187,6 @@ class _Call:
     # A long-poll: the query parameter that holds the wait, and the wait asked for.
     wait_param: str | None = None
     wait_s: float | None = None
-    deadline_s: float | None = None
 
 
 def _path(*parts: str) -> str:
@@ -191,7 +195,7 @@ def _path(*parts: str) -> str:
 
 def _key_header(idempotency_key: str | None) -> dict[str, str]:
     # One key per logical call: every retry of it names the same task.
-    return {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+    return {IDEMPOTENCY_HEADER: idempotency_key or str(uuid.uuid4())}
 
 
 def _body(input: Any, **optional: Any) -> dict[str, Any]:
@@ -225,6 +229,8 @@ def _error(response: httpx.Response, attempts: _Attempts) -> RunqError:
     except (ValueError, KeyError, TypeError):
         code, message, details = "", f"HTTP {status}: {response.text[:200]}", {}
     details["attempts"] = attempts.count
+    if attempts.idempotency_key is not None:
+        details["idempotency_key"] = attempts.idempotency_key
     cls = _BY_CODE.get(code) or _BY_STATUS.get(status, RunqError)
     error: RunqError
     if issubclass(cls, Unavailable):
@@ -269,10 +275,17 @@ def _output(response: httpx.Response, attempts: _Attempts) -> Any:
 
 
 def _given_up(call: _Call, attempts: _Attempts, exc: httpx.TransportError) -> ConnectionFailed:
-    return ConnectionFailed(
+    message = (
         f"{call.method} {call.path}: no answer after {attempts.count} attempt(s) in "
-        f"{attempts.elapsed():.1f} s; last: {type(exc).__name__}: {str(exc) or 'no detail'}",
+        f"{attempts.elapsed():.1f} s; last: {type(exc).__name__}: {str(exc) or 'no detail'}"
+    )
+    if attempts.idempotency_key is None:
+        return ConnectionFailed(message, attempts=attempts.count)
+    return ConnectionFailed(
+        f"{message}; call again with idempotency_key={attempts.idempotency_key!r} to reach the "
+        "task it may have made",
         attempts=attempts.count,
+        idempotency_key=attempts.idempotency_key,
     )
 
 
@@ -282,7 +295,7 @@ class _Base:
     def __init__(
         self,
         timeout: float,
-        retries: int,
+        retries: int | None,
         backoff_s: float,
         backoff_max_s: float,
         deadline_s: float | None,
@@ -311,9 +324,14 @@ class _Base:
         )
 
     def _start(self, call: _Call) -> _Attempts:
-        return self._retry.start(
-            call.deadline_s if call.deadline_s is not None else self.deadline_s
-        )
+        deadline_s = self.deadline_s
+        if deadline_s is None:
+            # Every call ends: a long-poll after its wait and the answer's margin, any other
+            # call after the client's timeout, however many attempts that takes.
+            deadline_s = self.timeout if call.wait_s is None else call.wait_s + ANSWER_MARGIN_S
+        attempts = self._retry.start(deadline_s)
+        attempts.idempotency_key = call.headers.get(IDEMPOTENCY_HEADER)
+        return attempts
 
     def _after(
         self, call: _Call, attempts: _Attempts, outcome: httpx.Response | httpx.TransportError
@@ -348,7 +366,6 @@ class _Base:
             _key_header(idempotency_key),
             wait_param="timeout",
             wait_s=wait_s,
-            deadline_s=self.deadline_s if self.deadline_s is not None else wait_s + ANSWER_MARGIN_S,
         )
 
     def _submit(
@@ -397,9 +414,9 @@ class _Base:
 class Client(_Base):
     """A blocking client: ``with runq.Client(url) as client: client.predict("embed", "hi")``.
 
-    ``timeout`` is each request's HTTP timeout and predict's default wait; ``retries`` and the
-    backoff bound how often and how fast a call is tried again; ``deadline_s`` bounds a whole
-    call across its retries (predict: its wait plus a margin when unset).
+    ``timeout`` is each request's HTTP timeout and predict's default wait; the backoff bounds
+    how fast a call is tried again and ``retries``, when given, how often; ``deadline_s`` bounds
+    a whole call across its retries (unset: a long-poll's wait plus a margin, else ``timeout``).
     """
 
     def __init__(
@@ -408,7 +425,7 @@ class Client(_Base):
         *,
         api_key: str | None = None,
         timeout: float = 30.0,
-        retries: int = 5,
+        retries: int | None = None,
         backoff_s: float = 0.2,
         backoff_max_s: float = 10.0,
         deadline_s: float | None = None,
@@ -499,7 +516,7 @@ class AsyncClient(_Base):
         *,
         api_key: str | None = None,
         timeout: float = 30.0,
-        retries: int = 5,
+        retries: int | None = None,
         backoff_s: float = 0.2,
         backoff_max_s: float = 10.0,
         deadline_s: float | None = None,

@@ -52,6 +52,18 @@ class RunqError(Exception):
         self.message = message
         self.details = details
 
+    @property
+    def task_id(self) -> str | None:
+        """The task the error is about, when one is known."""
+        value = self.details.get("task_id")
+        return value if isinstance(value, str) else None
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """The client's key for the call that failed: calling again with it reaches its task."""
+        value = self.details.get("idempotency_key")
+        return value if isinstance(value, str) else None
+
     def to_body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, **self.details}}
 

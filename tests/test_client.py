@@ -217,9 +217,12 @@ def test_invalid_input_is_validation_failed(client: runq.Client) -> None:
 
 def test_model_error_carries_the_task_id(client: runq.Client) -> None:
     with pytest.raises(runq.ModelError) as error:
-        client.predict("fails", "boom")
+        client.predict("fails", "boom", idempotency_key=unique("boom"))
     assert error.value.message == "ValueError: cannot digest 'boom'"
-    task = client.result(error.value.details["task_id"])
+    assert error.value.idempotency_key is not None
+    assert error.value.idempotency_key.startswith("boom-")
+    assert error.value.task_id is not None
+    task = client.result(error.value.task_id)
     assert task.status == "failed"
     assert task.error is not None and task.error["message"] == error.value.message
 
@@ -248,7 +251,7 @@ def test_idempotency_conflict_and_gone(client: runq.Client, redis: Redis) -> Non
     redis.delete(f"rq:job:{first.id}")
     with pytest.raises(runq.Gone) as gone:
         client.submit("parked", 1, idempotency_key=key)
-    assert gone.value.details == {"task_id": first.id, "attempts": 1}
+    assert gone.value.details == {"task_id": first.id, "attempts": 1, "idempotency_key": key}
     assert queued(redis, "parked") == 1
 
 
@@ -270,7 +273,53 @@ def test_no_gateway_is_connection_failed_naming_the_attempts() -> None:
     assert error.value.details["attempts"] > 5
 
 
+def test_a_call_that_fails_says_which_key_reaches_its_task() -> None:
+    transport = Recording()
+    url = f"http://127.0.0.1:{free_port()}"
+    with runq.Client(url, retries=1, backoff_s=0.01, transport=transport) as client:
+        with pytest.raises(runq.ConnectionFailed) as predicted:
+            client.predict("echo", 1, idempotency_key="my-key")
+        assert predicted.value.idempotency_key == "my-key"
+        assert "idempotency_key='my-key'" in predicted.value.message
+        with pytest.raises(runq.ConnectionFailed) as submitted:
+            client.submit("echo", 1)
+        # The key the client made for the call: every attempt sent it.
+        assert submitted.value.idempotency_key == transport.keys()[-1] is not None
+        with pytest.raises(runq.ConnectionFailed) as read:
+            client.status("any")
+        assert read.value.idempotency_key is None
+
+
 # retries through a gateway that goes away ----------------------------------------------------
+
+
+@pytest.mark.usefixtures("gateway")
+def test_default_retries_ride_through_a_gateway_restart_within_the_deadline(
+    own_gateway: OwnGateway,
+) -> None:
+    # Five retries once gave up 1.9 to 2.6 s into a 2.7 s restart, 30 s before predict's deadline.
+    own_gateway.stop()
+    transport = Recording()
+    value = unique("default retries")
+    outcome: list[Any] = []
+
+    def predict() -> None:
+        with runq.Client(own_gateway.url, transport=transport) as client:
+            try:
+                outcome.append(client.predict("echo", value, timeout=20))
+            except runq.RunqError as exc:
+                outcome.append(exc)
+
+    thread = threading.Thread(target=predict)
+    thread.start()
+    time.sleep(4)  # the gateway's outage, longer than five retries used to last
+    assert not outcome, outcome
+    own_gateway.start()
+    thread.join(30)
+    assert outcome == [value]
+    assert len(transport.sent) >= 5
+
+
 
 
 @pytest.mark.usefixtures("parked")
@@ -519,6 +568,15 @@ def test_a_deadline_bounds_the_whole_call() -> None:
     taken = delays(retry.start(deadline_s=10), clock)
     assert taken[:3] == [0.2, 0.4, 0.8] and set(taken[3:]) == {1.0}
     assert 10 - 1.0 - MIN_ATTEMPT_S <= clock.now - started <= 10 - MIN_ATTEMPT_S
+
+
+def test_without_a_retry_count_a_call_is_tried_until_its_deadline() -> None:
+    clock = FakeClock()
+    retry = policy(clock, retries=None)
+    started = clock.now
+    taken = delays(retry.start(deadline_s=35), clock)
+    assert taken[:5] == [0.2, 0.4, 0.8, 1.6, 3.2]
+    assert 35 - 10.0 - MIN_ATTEMPT_S <= clock.now - started <= 35 - MIN_ATTEMPT_S
 
 
 def test_long_polls_keep_within_the_deadline() -> None:
