@@ -508,10 +508,11 @@ def _status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     redis_url = _redis_url(settings, "status")
     connection = status.connect(redis_url)
+    budget_s = settings.cold_start_budget_s
     if args.watch is None:
-        print(status.report(connection, as_json=args.json))
+        print(status.report(connection, as_json=args.json, cold_start_budget_s=budget_s))
         return 0
     try:
-        status.watch(connection, args.watch, as_json=args.json)
+        status.watch(connection, args.watch, as_json=args.json, cold_start_budget_s=budget_s)
     except KeyboardInterrupt:
         return 0  # Ctrl-C is how a watch ends, not a failure.

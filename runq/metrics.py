@@ -24,6 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from runq.queue.figures import FunctionFigures
 from runq.settings import ENV_MULTIPROC_DIR
 
 # Queue waits and executions span a millisecond echo to a minutes-long batch.
@@ -104,14 +105,13 @@ def _create(request_buckets: tuple[float, ...]) -> Metrics:
     )
 
 
-FigureRow = tuple[str, int, int, int | None, int | None]
+FigureRow = tuple[str, FunctionFigures]
 
 
 class RedisFigures(Collector):
     """Per-function figures read from Redis for one scrape (gauges no process could keep)."""
 
     def __init__(self, rows: Iterable[FigureRow]) -> None:
-        # (function, queued, running, replicas current, replicas desired)
         self._rows = list(rows)
 
     def collect(self) -> Iterable[Metric]:
@@ -121,14 +121,19 @@ class RedisFigures(Collector):
         desired = GaugeMetricFamily(
             "runq_replicas_desired", "Workers the autoscaler wants", labels=["function"]
         )
-        for function, n_queued, n_running, n_current, n_desired in self._rows:
-            queued.add_metric([function], n_queued)
-            running.add_metric([function], n_running)
-            if n_current is not None:
-                current.add_metric([function], n_current)
-            if n_desired is not None:
-                desired.add_metric([function], n_desired)
-        yield from (queued, running, current, desired)
+        unserved = GaugeMetricFamily(
+            "runq_unserved_seconds",
+            "How long queued tasks have had no live worker (0 while one is live)",
+            labels=["function"],
+        )
+        for function, figures in self._rows:
+            queued.add_metric([function], figures.queued)
+            running.add_metric([function], figures.running)
+            current.add_metric([function], figures.replicas_current)
+            if figures.desired is not None:
+                desired.add_metric([function], figures.desired)
+            unserved.add_metric([function], figures.unserved_s)
+        yield from (queued, running, current, desired, unserved)
 
 
 def process_registry() -> CollectorRegistry:

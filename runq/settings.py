@@ -123,6 +123,9 @@ class Settings(BaseModel):
     # Requests one gateway process holds while they wait (predict, result?wait=); over it, 503.
     max_inflight: int = Field(1024, ge=1)
     idempotency_ttl_s: int = Field(24 * 3600, ge=1)
+    # Queued tasks with no live worker for longer than this are reported stranded: by then a
+    # cold start should have brought one up.
+    cold_start_budget_s: float = Field(120.0, gt=0)
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -29,6 +29,11 @@ class FunctionStatus:
     function: str
     figures: FunctionFigures
     window: stats.WindowStats
+    cold_start_budget_s: float
+
+    @property
+    def stranded(self) -> bool:
+        return self.figures.stranded(self.cold_start_budget_s)
 
     def to_json(self) -> dict[str, Any]:
         figures, window = self.figures, self.window
@@ -38,6 +43,8 @@ class FunctionStatus:
             "running": figures.running,
             "workers": figures.workers,
             "replicas": {"current": figures.replicas_current, "desired": figures.desired},
+            "unserved_s": round(figures.unserved_s, 1),
+            "stranded": self.stranded,
             "succeeded": window.succeeded,
             "failed": window.failed,
             "timed_out": window.timed_out,
@@ -68,7 +75,9 @@ def connect(redis_url: str) -> Redis:
     )
 
 
-def collect(connection: Redis, window_s: int = constants.STATS_WINDOW_S) -> list[FunctionStatus]:
+def collect(
+    connection: Redis, cold_start_budget_s: float, window_s: int = constants.STATS_WINDOW_S
+) -> list[FunctionStatus]:
     """Every listed function's figures and stats, read against the Redis server's clock."""
     functions = sorted(str(text(name)) for name in connection.smembers(constants.FUNCTIONS_KEY))
     figures = Figures(connection)
@@ -83,15 +92,22 @@ def collect(connection: Redis, window_s: int = constants.STATS_WINDOW_S) -> list
             function,
             FunctionFigures.from_reply(reply),
             stats.read(connection, function, window_s, now_s=now_s),
+            cold_start_budget_s,
         )
         for function, reply in zip(functions, replies, strict=True)
     ]
 
 
-def report(connection: Redis, *, as_json: bool, window_s: int = constants.STATS_WINDOW_S) -> str:
+def report(
+    connection: Redis,
+    *,
+    as_json: bool,
+    cold_start_budget_s: float,
+    window_s: int = constants.STATS_WINDOW_S,
+) -> str:
     """The table (or one line of JSON) for every function; Unavailable when Redis is not."""
     try:
-        rows = collect(connection, window_s)
+        rows = collect(connection, cold_start_budget_s, window_s)
     except RedisError as exc:
         raise Unavailable(f"cannot read Redis: {exc}") from None
     if as_json:
@@ -113,11 +129,22 @@ def table(rows: list[FunctionStatus], window_s: int) -> str:
         for line in cells
     ]
     lines.append(f"throughput, p50/p99 (task created to ended) and errors: last {window_s} s")
+    lines += [
+        f"STRANDED: {row.function} has {row.figures.queued} queued task(s) and no live worker "
+        f"for {row.figures.unserved_s:.0f} s (cold_start_budget_s {row.cold_start_budget_s:g})"
+        for row in rows
+        if row.stranded
+    ]
     return "\n".join(lines)
 
 
 def watch(
-    connection: Redis, interval_s: float, *, as_json: bool, out: TextIO = sys.stdout
+    connection: Redis,
+    interval_s: float,
+    *,
+    as_json: bool,
+    cold_start_budget_s: float,
+    out: TextIO = sys.stdout,
 ) -> NoReturn:
     """Prints a report every ``interval_s`` until interrupted: in place on a terminal, else one
     after another (JSON: one line each). Redis being unreachable is shown, not fatal.
@@ -125,7 +152,7 @@ def watch(
     in_place = out.isatty() and not as_json
     while True:
         try:
-            frame = report(connection, as_json=as_json)
+            frame = report(connection, as_json=as_json, cold_start_budget_s=cold_start_budget_s)
         except Unavailable as exc:
             frame = json.dumps(exc.to_body()) if as_json else exc.message
         if not as_json:

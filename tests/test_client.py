@@ -320,8 +320,6 @@ def test_default_retries_ride_through_a_gateway_restart_within_the_deadline(
     assert len(transport.sent) >= 5
 
 
-
-
 @pytest.mark.usefixtures("parked")
 def test_submit_retries_through_a_gateway_restart_without_duplicates(
     own_gateway: OwnGateway, redis: Redis

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,44 @@ def idle(redis: Redis) -> Iterator[str]:
     redis.srem(constants.FUNCTIONS_KEY, function)
 
 
+@pytest.fixture
+def stranded(redis: Redis) -> Iterator[str]:
+    """A function whose two queued tasks were created 300 s ago and whose last worker was last
+    seen 150 s ago: its tasks have had nobody to take them for 150 s."""
+    function = f"stranded_{uuid.uuid4().hex[:8]}"
+    now_s = server_now_s(redis)
+    created = datetime.fromtimestamp(now_s - 300, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    queue, seen = f"rq:queue:runq.{function}", f"runq:seen:{function}"
+    jobs = [f"rq:job:{function}-{i}" for i in range(2)]
+    redis.sadd(constants.FUNCTIONS_KEY, function)
+    redis.rpush(queue, f"{function}-0", f"{function}-1")
+    for job in jobs:
+        redis.hset(job, "created_at", created)
+    redis.set(seen, now_s - 150)
+    yield function
+    redis.delete(queue, seen, *jobs)
+    redis.srem(constants.FUNCTIONS_KEY, function)
+
+
+def test_work_with_no_live_worker_past_the_cold_start_budget_is_reported_stranded(
+    valkey_url: str, stranded: str, busy: str
+) -> None:
+    report = json.loads(runq_status(valkey_url, "--json").stdout)
+    rows = {row["function"]: row for row in report["functions"]}
+    assert rows[stranded]["unserved_s"] == pytest.approx(150, abs=5)
+    assert rows[stranded]["stranded"] is True
+    assert (rows[busy]["unserved_s"], rows[busy]["stranded"]) == (0.0, False)  # a live worker
+    table = runq_status(valkey_url).stdout
+    assert f"STRANDED: {stranded} has 2 queued task(s) and no live worker for 15" in table
+    assert f"STRANDED: {busy}" not in table
+    # Within a longer budget (a slow cold start) it is only unserved, not stranded.
+    patient = run_runq(
+        "status", "--redis-url", valkey_url, "--json", env={"RUNQ_COLD_START_BUDGET_S": "600"}
+    )
+    rows = {row["function"]: row for row in json.loads(patient.stdout)["functions"]}
+    assert rows[stranded]["stranded"] is False
+
+
 def test_json_has_every_figure_of_every_listed_function(
     valkey_url: str, busy: str, idle: str
 ) -> None:
@@ -95,6 +134,8 @@ def test_json_has_every_figure_of_every_listed_function(
         "running": 0,
         "workers": 0,
         "replicas": {"current": 0, "desired": None},
+        "unserved_s": 0.0,
+        "stranded": False,
         "succeeded": 0,
         "failed": 0,
         "timed_out": 0,

@@ -49,6 +49,7 @@ from runq.gateway.limits import InflightLimit
 from runq.gateway.observe import notes
 from runq.metrics import exposition
 from runq.queue import constants
+from runq.queue.figures import FunctionFigures
 from runq.queue.replies import Answer, Ended
 from runq.queue.storage import ObjectStore
 from runq.queue.store import Admission, Admitted, TaskStore, new_task_id
@@ -191,7 +192,7 @@ def _function_routes(app: FastAPI, name: str, entry: Served) -> Endpoint:
         return await submit_task(request, entry, body, idempotency_key)
 
     async def describe(request: Request) -> dict[str, Any]:
-        return await _describe(_store(request), name, entry)
+        return await _describe(_store(request), name, entry, _settings(request))
 
     tag = f"function: {name}"
     app.add_api_route(
@@ -407,7 +408,9 @@ def _replayed(response: Response, admitted: Admitted) -> Response:
     return response
 
 
-async def _describe(store: TaskStore, name: str, entry: Served) -> dict[str, Any]:
+async def _describe(
+    store: TaskStore, name: str, entry: Served, settings: Settings
+) -> dict[str, Any]:
     figures = await store.figures(name)
     return {
         "name": name,
@@ -422,6 +425,21 @@ async def _describe(store: TaskStore, name: str, entry: Served) -> dict[str, Any
             "current": figures.replicas_current,
             "desired": figures.desired,
         },
+        "stranded": _stranded(figures, settings.cold_start_budget_s),
+    }
+
+
+def _stranded(figures: FunctionFigures, budget_s: float) -> dict[str, Any] | None:
+    if not figures.stranded(budget_s):
+        return None
+    return {
+        "queued": figures.queued,
+        "for_s": round(figures.unserved_s, 1),
+        "message": (
+            f"{figures.queued} queued task(s) have had no live worker for "
+            f"{figures.unserved_s:.0f} s, past cold_start_budget_s ({budget_s:g} s): "
+            "start a worker, or see why the autoscaler's do not come up"
+        ),
     }
 
 
@@ -434,7 +452,8 @@ router = APIRouter()
 async def list_functions(request: Request) -> dict[str, Any]:
     store = _store(request)
     served = sorted(_served(request).items())
-    return {"functions": [await _describe(store, name, entry) for name, entry in served]}
+    settings = _settings(request)
+    return {"functions": [await _describe(store, name, entry, settings) for name, entry in served]}
 
 
 @router.get("/v1/functions/{fn}", tags=["functions"], include_in_schema=False)
@@ -516,12 +535,7 @@ async def delete_task(task_id: str, request: Request) -> Response:
 @router.get("/metrics", tags=["health"], response_class=Response)
 async def prometheus_metrics(request: Request) -> Response:
     store = _store(request)
-    rows = []
-    for name in sorted(_served(request)):
-        figures = await store.figures(name)
-        rows.append(
-            (name, figures.queued, figures.running, figures.replicas_current, figures.desired)
-        )
+    rows = [(name, await store.figures(name)) for name in sorted(_served(request))]
     return Response(exposition(rows), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -94,6 +94,9 @@ LEASES_PREFIX = RUNQ_PREFIX + "leases:"
 # A function's live workers: sorted set of worker names scored by the expiry of their last
 # heartbeat (same TTL as leases). RQ's own registration outlives a killed worker by minutes.
 ALIVE_PREFIX = RUNQ_PREFIX + "alive:"
+# When a worker of the function last renewed its heartbeat (epoch s, the server's clock): how
+# long queued tasks have had no live worker to take them (stranded work) is counted from it.
+SEEN_PREFIX = RUNQ_PREFIX + "seen:"
 LEASE_TTL_S = 8.0
 LEASE_RENEW_INTERVAL_S = 2.0
 # A function's slot list: a worker that ends a batch of a concurrency-capped function pushes a
@@ -204,6 +207,10 @@ def leases_key(function: str) -> str:
 
 def alive_key(function: str) -> str:
     return ALIVE_PREFIX + function
+
+
+def seen_key(function: str) -> str:
+    return SEEN_PREFIX + function
 
 
 def slots_key(function: str) -> str:

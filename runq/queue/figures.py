@@ -7,6 +7,7 @@ autoscaler (sync) share its keys and the decoding of its reply.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -16,22 +17,37 @@ from redis.client import Pipeline
 from runq.queue import constants, lua
 
 # KEYS[1..3] the function's queue lists, KEYS[4] leases, KEYS[5] its live workers,
-# KEYS[6] the autoscaler's replicas hash
-# Returns {queued, running (live leases), live workers, replicas current, replicas desired}
-# (the last two false when no autoscaler manages the function).
+# KEYS[6] the autoscaler's replicas hash, KEYS[7] when a worker was last seen
+# Returns {queued, running (live leases), live workers, replicas current, replicas desired,
+# now, unserved}: replicas false when no autoscaler manages the function; unserved, only when
+# tasks are queued and no worker is live, is {last seen or false, created_at of each queue's
+# oldest task}.
 FIGURES = lua.script(
     """
 local queued = redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2])
   + redis.call('LLEN', KEYS[3])
-local now = '(' .. tostring(server_now())
-local running = redis.call('ZCOUNT', KEYS[4], now, '+inf')
-local workers = redis.call('ZCOUNT', KEYS[5], now, '+inf')
+local now = server_now()
+local after_now = '(' .. tostring(now)
+local running = redis.call('ZCOUNT', KEYS[4], after_now, '+inf')
+local workers = redis.call('ZCOUNT', KEYS[5], after_now, '+inf')
 local replicas = redis.call('HMGET', KEYS[6], CURRENT, DESIRED)
-return {queued, running, workers, replicas[1], replicas[2]}
+local unserved = {}
+if queued > 0 and workers == 0 then
+  unserved[1] = redis.call('GET', KEYS[7])
+  for i = 1, 3 do
+    local oldest = redis.call('LINDEX', KEYS[i], 0)
+    if oldest then
+      unserved[#unserved + 1] = redis.call('HGET', JOB_PREFIX .. oldest, CREATED_AT) or ''
+    end
+  end
+end
+return {queued, running, workers, replicas[1], replicas[2], tostring(now), unserved}
 """,
     lua.SERVER_NOW,
     CURRENT=constants.REPLICAS_CURRENT_FIELD,
     DESIRED=constants.REPLICAS_DESIRED_FIELD,
+    JOB_PREFIX=constants.RQ_JOB_PREFIX,
+    CREATED_AT=constants.CREATED_AT_FIELD,
 )
 
 
@@ -43,22 +59,46 @@ class FunctionFigures:
     workers: int
     current: int | None
     desired: int | None
+    # How long queued tasks have had no live worker to take them; 0 while one is live.
+    unserved_s: float = 0.0
 
     @property
     def replicas_current(self) -> int:
         """The autoscaler's count when one manages the function, else the live workers."""
         return self.workers if self.current is None else self.current
 
+    def stranded(self, cold_start_budget_s: float) -> bool:
+        """Queued work that no worker took for longer than a cold start may take."""
+        return self.unserved_s > cold_start_budget_s
+
     @classmethod
     def from_reply(cls, reply: list[Any]) -> FunctionFigures:
-        queued, running, workers, current, desired = reply
+        queued, running, workers, current, desired, now, unserved = reply
         return cls(
             queued=queued,
             running=running,
             workers=workers,
             current=None if current is None else int(current),
             desired=None if desired is None else int(desired),
+            unserved_s=_unserved_s(float(now), unserved),
         )
+
+
+def _unserved_s(now: float, unserved: list[Any]) -> float:
+    """Since the later of the last worker's heartbeat and the oldest queued task's creation."""
+    if not unserved:
+        return 0.0
+    seen, *created = unserved
+    since = [float(seen)] if seen is not None else []
+    oldest = [_epoch(stamp) for stamp in created if stamp]
+    if oldest:
+        since.append(min(oldest))
+    return max(now - max(since), 0.0) if since else 0.0
+
+
+def _epoch(stamp: bytes) -> float:
+    # RQ writes created_at as UTC ISO 8601 with a Z.
+    return datetime.fromisoformat(stamp.decode()).replace(tzinfo=UTC).timestamp()
 
 
 def keys(function: str) -> list[str]:
@@ -67,6 +107,7 @@ def keys(function: str) -> list[str]:
         constants.leases_key(function),
         constants.alive_key(function),
         constants.replicas_key(function),
+        constants.seen_key(function),
     ]
 
 

@@ -11,7 +11,8 @@ from runq.queue import constants, lua
 # Renews the worker's presence and the leases of the tasks it runs. A lease released, or one
 # that lapsed (the worker stalled past it: its task may be re-queued and run elsewhere), stays
 # gone.
-# KEYS[1] leases, KEYS[2] live workers; ARGV[1] worker name, ARGV[2..] task ids
+# KEYS[1] leases, KEYS[2] live workers, KEYS[3] when a worker was last seen; ARGV[1] worker
+# name, ARGV[2..] task ids
 # Returns the ids whose lease had lapsed.
 RENEW = lua.script(
     """
@@ -19,6 +20,7 @@ local now = server_now()
 local until_then = now + LEASE_TTL_S
 redis.call('ZADD', KEYS[2], until_then, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tostring(now))
+redis.call('SET', KEYS[3], tostring(now))
 local lost = {}
 for i = 2, #ARGV do
   local expiry = redis.call('ZSCORE', KEYS[1], ARGV[i])
@@ -43,7 +45,11 @@ class Heartbeat:
     def __init__(self, connection: Redis, function: str, worker_name: str) -> None:
         self._connection = connection
         self._script = connection.register_script(RENEW)
-        self._keys = [constants.leases_key(function), constants.alive_key(function)]
+        self._keys = [
+            constants.leases_key(function),
+            constants.alive_key(function),
+            constants.seen_key(function),
+        ]
         self._worker_name = worker_name
 
     def renew(self, task_ids: Sequence[str]) -> list[str]:

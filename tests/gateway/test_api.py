@@ -7,10 +7,11 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from tests.fns import RAN_KEY
-from tests.helpers import Proc, start_worker, wait_until
+from tests.helpers import GATEWAY_ENV, Proc, start_gateway, start_worker, wait_until
 
 PARKED_QUEUE = "rq:queue:runq.parked"
 
@@ -425,6 +426,29 @@ def test_function_detail_shows_live_figures(client: httpx.Client) -> None:
     assert echo["replicas"]["current"] == 1
     listed = client.get("/v1/functions").json()["functions"]
     assert {f["name"] for f in listed} >= {"echo", "parked", "stateful"}
+
+
+@pytest.mark.usefixtures("parked", "gateway")
+def test_queued_work_with_no_worker_past_the_budget_is_shown_stranded(
+    procs: Callable[..., Proc],
+) -> None:
+    url = start_gateway(procs, env={**GATEWAY_ENV, "RUNQ_COLD_START_BUDGET_S": "1"})
+    with httpx.Client(base_url=url, timeout=10) as client:
+        submit(client, "parked", 1)
+        stranded = wait_until(
+            lambda: client.get("/v1/functions/parked").json()["stranded"], 10, "stranded"
+        )
+        assert stranded["queued"] == 1 and stranded["for_s"] >= 1
+        assert "no live worker" in stranded["message"]
+        assert client.get("/v1/functions/echo").json()["stranded"] is None  # it has a worker
+        scraped = text_string_to_metric_families(client.get("/metrics").text)
+        unserved = {
+            s.labels["function"]: s.value
+            for family in scraped
+            if family.name == "runq_unserved_seconds"
+            for s in family.samples
+        }
+        assert unserved["parked"] > 1 and unserved["echo"] == 0
 
 
 def test_health_and_readiness(client: httpx.Client) -> None:
