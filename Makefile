@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMTOOL := $(BIN)/promtool
 
-.PHONY: serve test test-all lint bench bench-peers clean
+.PHONY: serve test test-all lint bench bench-peers bench-faults clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ $(PEERS_STAMP):
 
 bench-peers: $(STAMP) $(PEERS_STAMP)
 	$(BIN)/python benchmarks/peers.py --bentoml-python $(PEERS_VENV)/bin/python
+
+# 60 s of load while Valkey (AOF) is stopped twice: what became of every task, and of runq.
+bench-faults: $(STAMP)
+	$(BIN)/python benchmarks/faults.py --duration 60
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

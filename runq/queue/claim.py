@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,16 +20,33 @@ from runq.queue.tasks import deadline_passed_error
 # it (so `rq info` and rq-dashboard show it running). max_concurrency counts live leases across
 # all workers; lapsed ones (a crashed worker's) no longer hold a slot. Tasks whose deadline has
 # passed are ended here, never started; their waiters hear the bare id and re-read the task.
+# A claim carries a token: sent again with the same token (its reply was lost to a dropped
+# connection, and the tasks it took are this worker's, leased), it answers the tasks it took
+# that are still this worker's, and takes nothing more.
 # KEYS[1..3] the function's queue lists, highest priority first, KEYS[4] leases, KEYS[5] wake
-# list, KEYS[6] drain hash, KEYS[7] the worker's RQ hash, KEYS[8] the worker's executions set
+# list, KEYS[6] drain hash, KEYS[7] the worker's RQ hash, KEYS[8] the worker's executions set,
+# KEYS[9] the worker's last claim
 # ARGV[1] most tasks to take, ARGV[2] worker name, ARGV[3] now (RQ's time format, for display),
-# ARGV[4] runq error JSON for tasks past their deadline, ARGV[5] max_concurrency (0: no cap)
+# ARGV[4] runq error JSON for tasks past their deadline, ARGV[5] max_concurrency (0: no cap),
+# ARGV[6] the claim's token
 # Returns {started, expired ids, at_capacity, server now}: started is a list of
 # {id, execution id, flat job hash}; canceled or deleted tasks are skipped; at_capacity is 1
 # when every concurrency slot was taken.
 CLAIM = lua.script(
     """
 local now = server_now()
+if redis.call('HGET', KEYS[9], CLAIM_ID) == ARGV[6] then
+  local started = {}
+  local taken = redis.call('HGET', KEYS[9], CLAIM_TAKEN) or ''
+  for id, execution in string.gmatch(taken, '(%S+):(%x+)') do
+    local key = JOB_PREFIX .. id
+    local job = redis.call('HMGET', key, STATUS, WORKER_NAME)
+    if job[1] == STARTED and job[2] == ARGV[2] then
+      started[#started + 1] = {id, execution, redis.call('HGETALL', key)}
+    end
+  end
+  return {started, {}, 0, tostring(now)}
+end
 local wanted = tonumber(ARGV[1])
 local cap = tonumber(ARGV[5])
 local at_capacity = 0
@@ -53,7 +71,7 @@ for q = 1, 3 do
   end
 end
 local lease_until = now + LEASE_TTL_S
-local started, expired = {}, {}
+local started, expired, taken = {}, {}, {}
 for _, id in ipairs(ids) do
   local key = JOB_PREFIX .. id
   local held = redis.call('HMGET', key, STATUS, DEADLINE, RESULT_TTL, ORIGIN, TIMEOUT, REPLY_TO)
@@ -93,11 +111,14 @@ for _, id in ipairs(ids) do
       redis.call('SADD', KEYS[8], composite)
       redis.call('EXPIRE', KEYS[8], ttl + GRACE_S)
       started[#started + 1] = {id, execution, redis.call('HGETALL', key)}
+      taken[#taken + 1] = composite
     end
   end
 end
 if #started > 0 then
   redis.call('HSET', KEYS[7], WORKER_STATE, BUSY)
+  redis.call('HSET', KEYS[9], CLAIM_ID, ARGV[6], CLAIM_TAKEN, table.concat(taken, ' '))
+  redis.call('EXPIRE', KEYS[9], math.ceil(LEASE_TTL_S))
 end
 if #ids > 0 then
   local rate = drain_rate(KEYS[6], now, DRAIN_WINDOW_S) + #ids / DRAIN_WINDOW_S
@@ -144,6 +165,8 @@ return {started, expired, at_capacity, tostring(now)}
     GRACE_S=constants.RQ_EXECUTION_GRACE_S,
     DRAIN_WINDOW_S=constants.DRAIN_RATE_WINDOW_S,
     DRAIN_TTL_S=constants.DRAIN_TTL_S,
+    CLAIM_ID=constants.CLAIM_ID_FIELD,
+    CLAIM_TAKEN=constants.CLAIM_TAKEN_FIELD,
 )
 
 RawHash = dict[bytes, bytes]
@@ -199,11 +222,18 @@ class Claim:
             constants.drain_key(function),
             constants.worker_key(worker_name),
             constants.worker_executions_key(worker_name),
+            constants.claim_key(worker_name),
         ]
+        # The token of a claim whose reply never came: the next claim sends it again.
+        self._unanswered: str | None = None
         self._wake_key = constants.wake_key(function)
         self._slots_key = constants.slots_key(function)
 
     def __call__(self, wanted: int, max_concurrency: int | None) -> Claimed:
+        """Claims up to ``wanted`` tasks; after a claim that failed on the way (Redis went away),
+        what that one took, if it ran, and nothing more."""
+        token = self._unanswered or secrets.token_hex(8)
+        self._unanswered = token
         started, expired, at_capacity, server_now = self._script(
             keys=self._keys,
             args=[
@@ -212,8 +242,10 @@ class Claim:
                 utcformat(now()),
                 _DEADLINE_PASSED,
                 max_concurrency or 0,
+                token,
             ],
         )
+        self._unanswered = None
         return Claimed(
             started=[_started(row) for row in started],
             expired=[task_id.decode() for task_id in expired],

@@ -209,6 +209,17 @@ def alive_key(function: str) -> str:
     return ALIVE_PREFIX + function
 
 
+# A worker's last claim that took tasks: its token and the "id:execution" of each task taken, so
+# the same claim sent again after its reply was lost answers those tasks instead of more.
+CLAIM_PREFIX = RUNQ_PREFIX + "claim:"
+CLAIM_ID_FIELD = "id"
+CLAIM_TAKEN_FIELD = "taken"
+
+
+def claim_key(worker_name: str) -> str:
+    return CLAIM_PREFIX + worker_name
+
+
 def seen_key(function: str) -> str:
     return SEEN_PREFIX + function
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from redis import Redis
+from redis.exceptions import ConnectionError, TimeoutError
 
 from runq.functions import Function
 from runq.queue import constants
@@ -49,7 +50,12 @@ class BatchCollector:
             if remaining <= 0:
                 break
             time.sleep(min(constants.BATCH_FILL_POLL_S, remaining))
-            more = self._claim_batch(limit - len(claimed.started))
+            try:
+                more = self._claim_batch(limit - len(claimed.started))
+            except (ConnectionError, TimeoutError):
+                # The tasks in hand are leased to this worker: run them, and record them once
+                # Redis is back. The claim that failed is sent again before the next batch.
+                break
             arriving = not more.empty
             claimed.extend(more)
         self._last_batch_size = len(claimed.started)
