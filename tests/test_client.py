@@ -293,6 +293,25 @@ def test_a_call_that_fails_says_which_key_reaches_its_task() -> None:
 # retries through a gateway that goes away ----------------------------------------------------
 
 
+def in_background(
+    call: Callable[[runq.Client], Any], **settings: Any
+) -> tuple[threading.Thread, list[Any]]:
+    """Runs ``call`` on a client of its own, in a thread; its result (or RunqError) lands in
+    the list."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        with runq.Client(**settings) as client:
+            try:
+                outcome.append(call(client))
+            except runq.RunqError as exc:
+                outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
 @pytest.mark.usefixtures("gateway")
 def test_default_retries_ride_through_a_gateway_restart_within_the_deadline(
     own_gateway: OwnGateway,
@@ -301,17 +320,11 @@ def test_default_retries_ride_through_a_gateway_restart_within_the_deadline(
     own_gateway.stop()
     transport = Recording()
     value = unique("default retries")
-    outcome: list[Any] = []
-
-    def predict() -> None:
-        with runq.Client(own_gateway.url, transport=transport) as client:
-            try:
-                outcome.append(client.predict("echo", value, timeout=20))
-            except runq.RunqError as exc:
-                outcome.append(exc)
-
-    thread = threading.Thread(target=predict)
-    thread.start()
+    thread, outcome = in_background(
+        lambda client: client.predict("echo", value, timeout=20),
+        base_url=own_gateway.url,
+        transport=transport,
+    )
     time.sleep(4)  # the gateway's outage, longer than five retries used to last
     assert not outcome, outcome
     own_gateway.start()
@@ -327,19 +340,14 @@ def test_submit_retries_through_a_gateway_restart_without_duplicates(
     own_gateway.stop()
     transport = Recording()
     value = unique("restart")
-    outcome: list[Any] = []
-
-    def submit() -> None:
-        with runq.Client(
-            own_gateway.url, retries=50, backoff_max_s=0.3, deadline_s=30, transport=transport
-        ) as client:
-            try:
-                outcome.append(client.submit("parked", value))
-            except runq.RunqError as exc:
-                outcome.append(exc)
-
-    thread = threading.Thread(target=submit)
-    thread.start()
+    thread, outcome = in_background(
+        lambda client: client.submit("parked", value),
+        base_url=own_gateway.url,
+        retries=50,
+        backoff_max_s=0.3,
+        deadline_s=30,
+        transport=transport,
+    )
     time.sleep(1)
     assert not outcome  # still retrying: nothing listens
     own_gateway.start()
@@ -368,19 +376,13 @@ def test_predict_retries_through_a_gateway_crash_and_runs_once(
 ) -> None:
     transport = Recording()
     value = unique("crash")
-    outcome: list[Any] = []
-
-    def predict() -> None:
-        with runq.Client(
-            own_gateway.url, retries=50, backoff_max_s=0.3, transport=transport
-        ) as client:
-            try:
-                outcome.append(client.predict("parked", value, timeout=20))
-            except runq.RunqError as exc:
-                outcome.append(exc)
-
-    thread = threading.Thread(target=predict)
-    thread.start()
+    thread, outcome = in_background(
+        lambda client: client.predict("parked", value, timeout=20),
+        base_url=own_gateway.url,
+        retries=50,
+        backoff_max_s=0.3,
+        transport=transport,
+    )
     wait_until(lambda: queued(redis, "parked") == 1, what="the predict's task to be queued")
     # The gateway dies while the predict waits: its answer is lost, its task is not.
     own_gateway.stop(signal.SIGKILL)

@@ -28,14 +28,14 @@ from runq.queue.tasks import deadline_passed_error
 # KEYS[9] the worker's last claim
 # ARGV[1] most tasks to take, ARGV[2] worker name, ARGV[3] now (RQ's time format, for display),
 # ARGV[4] runq error JSON for tasks past their deadline, ARGV[5] max_concurrency (0: no cap),
-# ARGV[6] the claim's token
+# ARGV[6] the claim's token, ARGV[7] 1 when it is sent again
 # Returns {started, expired ids, at_capacity, server now}: started is a list of
 # {id, execution id, flat job hash}; canceled or deleted tasks are skipped; at_capacity is 1
 # when every concurrency slot was taken.
 CLAIM = lua.script(
     """
 local now = server_now()
-if redis.call('HGET', KEYS[9], CLAIM_ID) == ARGV[6] then
+if ARGV[7] == '1' and redis.call('HGET', KEYS[9], CLAIM_ID) == ARGV[6] then
   local started = {}
   local taken = redis.call('HGET', KEYS[9], CLAIM_TAKEN) or ''
   for id, execution in string.gmatch(taken, '(%S+):(%x+)') do
@@ -232,6 +232,7 @@ class Claim:
     def __call__(self, wanted: int, max_concurrency: int | None) -> Claimed:
         """Claims up to ``wanted`` tasks; after a claim that failed on the way (Redis went away),
         what that one took, if it ran, and nothing more."""
+        again = self._unanswered is not None
         token = self._unanswered or secrets.token_hex(8)
         self._unanswered = token
         started, expired, at_capacity, server_now = self._script(
@@ -243,6 +244,7 @@ class Claim:
                 _DEADLINE_PASSED,
                 max_concurrency or 0,
                 token,
+                int(again),
             ],
         )
         self._unanswered = None
