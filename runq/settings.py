@@ -322,13 +322,23 @@ def _shown(key: str, value: Any) -> Any:
 
 
 def settings_to_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a child process load exactly these settings."""
+    """The environment that makes a child process load exactly these settings.
+
+    Every setting is written, defaults included: a child also inherits this process's
+    environment, and a flag that resolved to the default (`--host 127.0.0.1`) must still win
+    over an inherited RUNQ_HOST. An empty value is unset, so None falls back to its default.
+    """
     env: dict[str, str] = {}
-    for key, value in settings.model_dump(exclude_defaults=True, exclude={"functions"}).items():
+    for key, value in settings.model_dump(exclude={"functions"}).items():
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
-        structured = isinstance(value, list | dict)
-        env[ENV_PREFIX + key.upper()] = json.dumps(value) if structured else str(value)
+        if value is None:
+            text = ""
+        elif isinstance(value, list | dict):
+            text = json.dumps(value)
+        else:
+            text = str(value)
+        env[ENV_PREFIX + key.upper()] = text
     for name, overrides in settings.functions.items():
         for key, value in overrides.items():
             env[f"{ENV_PREFIX}FUNCTIONS{ENV_NESTING}{name.upper()}{ENV_NESTING}{key.upper()}"] = (

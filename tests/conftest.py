@@ -51,7 +51,7 @@ def procs(
     started: list[Proc] = []
     logs = tmp_path_factory.mktemp("logs")
 
-    def start(*args: str, env: dict[str, str] | None = None, own_group: bool = False) -> Proc:
+    def start(*args: str, env: dict[str, str] | None = None, terminal: bool = False) -> Proc:
         name = "-".join(a.replace("/", "_") for a in args[:4])
         proc = Proc(
             list(args),
@@ -59,7 +59,7 @@ def procs(
             # a process's limits (max_inflight) hold for one.
             {"RUNQ_REDIS_URL": valkey_url, "RUNQ_API_WORKERS": "1", **(env or {})},
             logs / f"{len(started)}-{name}.log",
-            own_group,
+            terminal,
         )
         started.append(proc)
         return proc

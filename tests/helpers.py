@@ -8,13 +8,16 @@ Fixtures live in tests/conftest.py; everything else a test module imports comes 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
+import pty
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -114,23 +117,39 @@ def run_runq(
 
 
 class Proc:
-    """A `python -m runq ...` child process whose output goes to a log file."""
+    """A `python -m runq ...` child process whose output goes to a log file.
+
+    With ``terminal``, the process runs as a shell runs a foreground job: in a session of its
+    own whose controlling terminal is a pty, so `ctrl_c` reaches its whole process group
+    through the terminal driver, exactly as a key press does.
+    """
 
     def __init__(
-        self, args: list[str], env: dict[str, str], log: Path, own_group: bool = False
+        self, args: list[str], env: dict[str, str], log: Path, terminal: bool = False
     ) -> None:
         self.args = args
         self.log_path = log
         self._log = log.open("wb")
+        self._controller: int | None = None
+        tty = None
+        if terminal:
+            self._controller, tty = pty.openpty()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "runq", *args],
             env={**os.environ, **env},
+            stdin=tty,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
-            # As a shell starts a job: a test can signal its whole group, as a Ctrl-C does.
-            process_group=0 if own_group else None,
+            start_new_session=terminal,
+            preexec_fn=_take_stdin_as_controlling_terminal if terminal else None,
         )
+        if tty is not None:
+            os.close(tty)
+
+    def ctrl_c(self) -> None:
+        assert self._controller is not None, "started without a terminal"
+        os.write(self._controller, b"\x03")
 
     @property
     def pid(self) -> int:
@@ -153,6 +172,14 @@ class Proc:
             raise AssertionError(f"runq {' '.join(self.args)} ignored signal {sig}") from None
         finally:
             self._log.close()
+            if self._controller is not None:
+                os.close(self._controller)
+                self._controller = None
+
+
+def _take_stdin_as_controlling_terminal() -> None:
+    # A session leader's terminal ioctl also makes its group the terminal's foreground group.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 def start_gateway(

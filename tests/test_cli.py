@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import threading
@@ -27,10 +26,10 @@ from tests.helpers import (
 DRAIN_FNS = str(ROOT / "tests" / "fns_drain.py")
 
 
-def serve(procs: Callable[..., Proc], target: str, port: int, own_group: bool = False) -> Proc:
+def serve(procs: Callable[..., Proc], target: str, port: int, terminal: bool = False) -> Proc:
     # No RUNQ_REDIS_URL: serve starts its own embedded Valkey.
     env = {"RUNQ_REDIS_URL": ""}
-    proc = procs("serve", target, "--port", str(port), env=env, own_group=own_group)
+    proc = procs("serve", target, "--port", str(port), env=env, terminal=terminal)
     wait_until(lambda: "runq is serving" in proc.output() or not proc.alive(), 60, "serve")
     assert proc.alive(), proc.output()
     return proc
@@ -74,23 +73,25 @@ def predict_in_background(url: str, seconds: float) -> list[httpx.Response | htt
 def test_ctrl_c_to_serves_process_group_drains_the_running_batch(
     procs: Callable[..., Proc],
 ) -> None:
-    # A Ctrl-C signals the terminal's whole group. It reached the gateway, the workers and
-    # Valkey too, and the batch in hand was killed every time (its predict answered 500).
+    # A Ctrl-C signals the terminal's whole foreground group. It reached the gateway, the
+    # workers and Valkey too: the batch in hand was killed every time (its predict answered
+    # 500), the worker printed tracebacks and serve exited 1.
     port = free_port()
     for attempt in range(3):
         answer, output = interrupted_while_running(procs, port)
         assert isinstance(answer, httpx.Response), (attempt, answer, output)
         assert answer.status_code == 200, (attempt, answer.text, output)
         assert answer.json()["output"] == 1.5
+        assert "Traceback" not in output, output
 
 
 def interrupted_while_running(
     procs: Callable[..., Proc], port: int
 ) -> tuple[httpx.Response | httpx.HTTPError, str]:
     """The answer to a predict whose `runq serve` got a Ctrl-C mid-batch, and serve's output."""
-    proc = serve(procs, DRAIN_FNS, port, own_group=True)
+    proc = serve(procs, DRAIN_FNS, port, terminal=True)
     answers = predict_in_background(f"http://127.0.0.1:{port}", 1.5)
-    os.killpg(proc.pid, signal.SIGINT)
+    proc.ctrl_c()
     assert proc.process.wait(timeout=60) == 0, proc.output()
     wait_until(lambda: answers, 10, "the predict's answer")
     return answers[0], proc.output()
@@ -98,12 +99,12 @@ def interrupted_while_running(
 
 def test_a_second_ctrl_c_cuts_the_running_batch_short(procs: Callable[..., Proc]) -> None:
     port = free_port()
-    proc = serve(procs, DRAIN_FNS, port, own_group=True)
+    proc = serve(procs, DRAIN_FNS, port, terminal=True)
     family = descendants(proc.pid)
     predict_in_background(f"http://127.0.0.1:{port}", 25)
-    os.killpg(proc.pid, signal.SIGINT)
+    proc.ctrl_c()
     wait_until(lambda: "draining" in proc.output(), 10, "the drain to start")
-    os.killpg(proc.pid, signal.SIGINT)
+    proc.ctrl_c()
     # Long before the 25 s batch (and the grace period past it) would end.
     assert proc.process.wait(timeout=15) == 0, proc.output()
     assert "asked to stop again" in proc.output()

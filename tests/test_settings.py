@@ -201,9 +201,19 @@ def test_typed_yaml_overrides_round_trip_whole(tmp_path: Path) -> None:
     assert load_settings(env=settings_to_env(settings)) == settings
 
 
-def test_settings_to_env_leaves_defaults_out() -> None:
-    assert settings_to_env(load_settings(env={})) == {}
-    assert settings_to_env(load_settings(env={}, cli={"port": 9000})) == {"RUNQ_PORT": "9000"}
+def test_a_flag_equal_to_the_default_wins_over_an_inherited_env_var() -> None:
+    """`runq serve --host 127.0.0.1` in the Docker image (RUNQ_HOST=0.0.0.0) binds loopback."""
+    inherited = {"RUNQ_HOST": "0.0.0.0", "RUNQ_STORAGE_URL": "file:///srv/objects"}
+    parent = load_settings(env=inherited, cli={"host": "127.0.0.1"})
+    child = load_settings(env={**inherited, **settings_to_env(parent)})
+    assert child.host == "127.0.0.1"
+    assert child == parent
+
+
+def test_unset_settings_reach_a_child_unset() -> None:
+    env = settings_to_env(load_settings(env={}))
+    assert env["RUNQ_STORAGE_URL"] == ""
+    assert load_settings(env=env) == load_settings(env={})
 
 
 def test_typed_function_overrides_survive_the_env(tmp_path: Path) -> None:
