@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import yaml
 from pydantic import (
@@ -314,11 +315,34 @@ def _function_source(
 
 
 def _shown(key: str, value: Any) -> Any:
-    # A Redis URL may carry a password; nothing runq prints or logs shows it.
-    if key == "redis_url" and isinstance(value, str) and "@" in value:
-        scheme, _, rest = value.partition("://")
-        return f"{scheme}://***@{rest.rpartition('@')[2]}"
-    return value
+    return masked_url(value) if key in URL_SETTINGS and isinstance(value, str) else value
+
+
+# Settings holding URLs that may carry credentials: redis-py takes a password in the userinfo
+# or as ?password=, and an S3 endpoint may be given as https://KEY:SECRET@host.
+URL_SETTINGS = frozenset({"redis_url", "storage_url", "storage_endpoint_url", "prediction_log_url"})
+SECRET_QUERY_PARAMETERS = frozenset({"password", "username"})
+MASK = "***"
+
+
+def masked_url(url: str) -> str:
+    """The URL with its userinfo and any credential in its query replaced by ***."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{MASK}@{netloc.rpartition('@')[2]}"
+    query = urlencode(
+        [
+            (name, MASK if name.lower() in SECRET_QUERY_PARAMETERS else value)
+            for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        ],
+        safe="*",
+    )
+    # Built by hand: urlunsplit drops the empty authority of unix:///path.
+    masked = f"{parts.scheme}://{netloc}{parts.path}"
+    return (
+        masked + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+    )
 
 
 def settings_to_env(settings: Settings) -> dict[str, str]:

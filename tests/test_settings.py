@@ -10,7 +10,13 @@ import pydantic
 import pytest
 
 from runq.errors import ConfigError
-from runq.settings import FunctionSettings, Settings, load_settings, settings_to_env
+from runq.settings import (
+    FunctionSettings,
+    Settings,
+    load_settings,
+    masked_url,
+    settings_to_env,
+)
 from tests.helpers import OBSERVED as TARGET
 from tests.helpers import run_runq
 
@@ -303,3 +309,38 @@ def test_a_gateway_process_per_core_by_default_at_most_four() -> None:
     cores = len(os.sched_getaffinity(0))
     assert Settings().api_workers == min(cores, 4)
     assert Settings(api_workers=1).api_workers == 1
+
+
+# masking ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@cache:6379/0", "redis://***@cache:6379/0"),
+        ("redis://app:s3cret@cache:6379", "redis://***@cache:6379"),
+        ("rediss://cache:6380/1?password=s3cret&ssl_cert_reqs=none", None),
+        (
+            "unix:///run/valkey.sock?db=2&password=s3cret",
+            "unix:///run/valkey.sock?db=2&password=***",
+        ),
+        ("redis://cache:6379/0", "redis://cache:6379/0"),
+    ],
+)
+def test_a_redis_url_is_shown_without_its_password(url: str, shown: str | None) -> None:
+    assert "s3cret" not in masked_url(url)
+    if shown is not None:
+        assert masked_url(url) == shown
+
+
+def test_config_show_masks_every_credential(tmp_path: Path) -> None:
+    env = {
+        "RUNQ_REDIS_URL": "redis://cache:6379/0?password=s3cret-redis",
+        "RUNQ_STORAGE_URL": "s3://bucket/objects",
+        "RUNQ_STORAGE_ENDPOINT_URL": "http://minio-key:s3cret-s3@127.0.0.1:9000",
+    }
+    result = run_runq("config", "show", TARGET, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "s3cret" not in result.stdout + result.stderr
+    assert "redis://cache:6379/0?password=***" in result.stdout
+    assert "http://***@127.0.0.1:9000" in result.stdout
