@@ -38,6 +38,9 @@ class Function:
     output_type: Any
     input_adapter: TypeAdapter[Any] = field(repr=False)
     example: Any = None
+    # Only a type that says so (Field(allow_inf_nan=True)) takes NaN and Infinity: runq's JSON
+    # is strict, and pydantic's plain float would take them.
+    allows_inf_nan: bool = False
 
     def load(self) -> Callable[[Any], Any]:
         """Instantiates and sets up the model: once per worker process, never in the gateway."""
@@ -97,6 +100,7 @@ def function(
                 "joined by single '_' or '-', starting with a letter (it is part of URLs)"
             )
         input_type, output_type = _io_types(obj, batch)
+        input_adapter = TypeAdapter(input_type)
         return Function(
             name=fn_name,
             target=obj,
@@ -104,11 +108,23 @@ def function(
             declared=dict(settings),
             input_type=input_type,
             output_type=output_type,
-            input_adapter=TypeAdapter(input_type),
+            input_adapter=input_adapter,
             example=example if example is not None else _default_example(input_type),
+            allows_inf_nan=_says_allow_inf_nan(input_adapter.core_schema),
         )
 
     return declare(target) if target is not None else declare
+
+
+def _says_allow_inf_nan(schema: Any) -> bool:
+    """Whether any part of a pydantic core schema sets allow_inf_nan explicitly."""
+    if isinstance(schema, dict):
+        if schema.get("allow_inf_nan") is True:
+            return True
+        return any(_says_allow_inf_nan(part) for part in schema.values())
+    if isinstance(schema, list | tuple):
+        return any(_says_allow_inf_nan(part) for part in schema)
+    return False
 
 
 def _io_types(obj: Callable[..., Any], batch: bool) -> tuple[Any, Any]:

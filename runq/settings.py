@@ -13,7 +13,8 @@ import os
 from collections.abc import Mapping
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import yaml
@@ -43,7 +44,32 @@ REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 STORAGE_URL_SCHEMES = ("file://", "s3://")
 
 
-class FunctionSettings(BaseModel):
+class StrictNumbers(BaseModel):
+    """A model whose number fields refuse booleans, which pydantic would read as 1 and 0: a
+    `timeout_s: true` is a mistake to report, not one second."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, bool):
+            return value
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _numbers_only(field.annotation):
+            raise ValueError("must be a number, not a boolean")
+        return value
+
+
+def _numbers_only(annotation: Any) -> bool:
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else ()
+    options = options or (annotation,)
+    return all(option in (int, float, type(None)) for option in options) and any(
+        option in (int, float) for option in options
+    )
+
+
+class FunctionSettings(StrictNumbers):
     """Per-function settings; names follow what BentoML and Ray Serve users already know."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -77,7 +103,7 @@ class FunctionSettings(BaseModel):
 FUNCTION_SETTING_NAMES = frozenset(FunctionSettings.model_fields)
 
 
-class ExponentialBuckets(BaseModel):
+class ExponentialBuckets(StrictNumbers):
     """Histogram buckets min, min·factor, … up to the first bound at or above max."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -109,7 +135,7 @@ def default_api_workers() -> int:
     return max(1, min(len(os.sched_getaffinity(0)), API_WORKERS_MAX_DEFAULT))
 
 
-class Settings(BaseModel):
+class Settings(StrictNumbers):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # None: `runq serve` starts the embedded Valkey; `gateway` and `worker` refuse to start.

@@ -7,9 +7,9 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from redis import Redis
 
 import runq
@@ -151,3 +151,9 @@ def solo(seconds: float) -> float:
     """One task at a time across all its workers."""
     time.sleep(seconds)
     return seconds
+
+
+@runq.function(max_batch_size=8, max_latency_ms=1)
+def lenient(values: list[Annotated[float, Field(allow_inf_nan=True)]]) -> list[bool]:
+    """Declares that it takes NaN and Infinity; never served by a worker in the tests."""
+    return [value != value for value in values]

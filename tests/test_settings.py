@@ -344,3 +344,11 @@ def test_config_show_masks_every_credential(tmp_path: Path) -> None:
     assert "s3cret" not in result.stdout + result.stderr
     assert "redis://cache:6379/0?password=***" in result.stdout
     assert "http://***@127.0.0.1:9000" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "text", ["max_timeout_s: true\n", "functions:\n  embed:\n    max_batch_size: true\n"]
+)
+def test_a_boolean_is_not_a_number_in_settings(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError, match="must be a number, not a boolean"):
+        load_settings(env={}, config_file=config(tmp_path, text)).function_settings("embed", {})

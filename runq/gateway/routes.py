@@ -47,6 +47,7 @@ from runq.gateway.lean import (
 )
 from runq.gateway.limits import InflightLimit
 from runq.gateway.observe import notes
+from runq.gateway.strict import check_strict_json
 from runq.metrics import exposition
 from runq.queue import constants
 from runq.queue.figures import FunctionFigures
@@ -55,7 +56,7 @@ from runq.queue.storage import ObjectStore
 from runq.queue.store import Admission, Admitted, TaskStore, new_task_id
 from runq.queue.tasks import OUTPUT_REF, TERMINAL, TaskStatus, error_json, task_json_head
 from runq.queue.waiter import TaskWaiter
-from runq.settings import FunctionSettings, Settings
+from runq.settings import FunctionSettings, Settings, StrictNumbers
 
 RETRY_AFTER_PENDING_S = 1
 WEBHOOK_URL_MAX_CHARS = 2048
@@ -100,6 +101,10 @@ def install(app: FastAPI, served: dict[str, Served]) -> dict[str, Endpoint]:
 # per-function routes ------------------------------------------------------------------------
 
 
+class StrictRequest(StrictNumbers):
+    model_config = ConfigDict(extra="forbid")
+
+
 @dataclass(frozen=True)
 class FunctionModels:
     """The request and response schemas of one function's routes (its OpenAPI entries)."""
@@ -115,13 +120,15 @@ def function_models(name: str, fn: Function) -> FunctionModels:
         Priority,
         Field(constants.DEFAULT_PRIORITY, description="higher priority tasks always run first"),
     )
-    forbid = ConfigDict(extra="forbid")
     predict = create_model(
-        f"{title}Predict", __config__=forbid, input=(fn.input_type, ...), priority=priority_field
+        f"{title}Predict",
+        __base__=StrictRequest,
+        input=(fn.input_type, ...),
+        priority=priority_field,
     )
     submit = create_model(
         f"{title}Submit",
-        __config__=forbid,
+        __base__=StrictRequest,
         input=(fn.input_type, ...),
         priority=priority_field,
         timeout_s=(
@@ -234,6 +241,7 @@ async def predict_task(
 ) -> Response:
     settings = _settings(request)
     wait_s = _checked_timeout(timeout_s, settings.default_timeout_s, settings, "timeout")
+    check_strict_json(await request.body(), allow_inf_nan=entry.function.allows_inf_nan)
     poll = on_timeout == "poll"
     store, waiter = _store(request), _waiter(request)
     admission = Admission(
@@ -255,6 +263,7 @@ async def predict_task(
 async def submit_task(
     request: Request, entry: Served, body: Any, idempotency_key: str | None
 ) -> Response:
+    check_strict_json(await request.body(), allow_inf_nan=entry.function.allows_inf_nan)
     webhook = await _checked_webhook(body.webhook, _settings(request))
     store = _store(request)
     deadlines = [x for x in (body.timeout_s, body.ttl_s) if x is not None]

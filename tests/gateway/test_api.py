@@ -225,6 +225,64 @@ def test_an_input_nested_too_deep_to_encode_is_a_422_not_a_500(client: httpx.Cli
     assert "input cannot be encoded as JSON" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("route", ["predict", "tasks"])
+def test_an_input_with_nan_or_infinity_is_a_422_and_nothing_is_enqueued(
+    client: httpx.Client, redis: Redis, parked: None, token: str, route: str
+) -> None:
+    # Python's json read them, and pydantic wrote NaN on as null: the model saw None.
+    response = client.post(
+        f"/v1/functions/parked/{route}",
+        content=f'{{"input": [1.5, {token}]}}'.encode(),
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    assert f"the body holds {token}" in response.json()["error"]["message"]
+    assert redis.llen(PARKED_QUEUE) == 0
+
+
+def test_an_input_with_a_lone_surrogate_is_a_422(
+    client: httpx.Client, redis: Redis, parked: None
+) -> None:
+    response = client.post(
+        "/v1/functions/parked/predict",
+        content=b'{"input": ["\\ud800", "a pair is fine: \\ud83d\\ude00"]}',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    assert "lone UTF-16 surrogate" in response.json()["error"]["message"]
+    assert redis.llen(PARKED_QUEUE) == 0
+    pair = client.post(
+        "/v1/functions/parked/tasks",
+        content=b'{"input": "\\ud83d\\ude00"}',
+        headers={"content-type": "application/json"},
+    )
+    assert pair.status_code == 202, pair.text
+    client.delete(f"/v1/tasks/{pair.json()['id']}")
+
+
+def test_a_function_whose_type_allows_nan_takes_it(client: httpx.Client, redis: Redis) -> None:
+    response = client.post(
+        "/v1/functions/lenient/tasks",
+        content=b'{"input": NaN}',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 202, response.text
+    client.delete(f"/v1/tasks/{response.json()['id']}")
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [("double/predict", {"input": True}), ("echo/tasks", {"input": 1, "timeout_s": True})],
+    ids=["an int input", "timeout_s"],
+)
+def test_a_boolean_is_not_a_number(client: httpx.Client, route: str, body: dict) -> None:
+    # pydantic reads true as 1: `timeout_s: true` was accepted as one second.
+    response = client.post(f"/v1/functions/{route}", json=body)
+    assert response.status_code == 422, response.text
+    assert "must be a number, not a boolean" in response.json()["error"]["message"]
+
+
 def test_timeout_above_the_limit_is_422_naming_it(client: httpx.Client) -> None:
     response = client.post("/v1/functions/echo/predict?timeout=31", json={"input": 1})
     assert response.status_code == 422
