@@ -90,6 +90,9 @@ class FunctionSettings(StrictNumbers):
     retries: int = Field(0, ge=0)
     # Share of tasks whose input and output go to the prediction log (0: none, 1: all).
     log_predictions: float = Field(0.0, ge=0, le=1)
+    # A model exception's type and message reach the caller; off, a generic message does, and
+    # the detail stays in the worker log under the task id (messages may hold internals).
+    expose_errors: bool = True
 
     @model_validator(mode="after")
     def _replicas_ordered(self) -> FunctionSettings:

@@ -157,3 +157,8 @@ def solo(seconds: float) -> float:
 def lenient(values: list[Annotated[float, Field(allow_inf_nan=True)]]) -> list[bool]:
     """Declares that it takes NaN and Infinity; never served by a worker in the tests."""
     return [value != value for value in values]
+
+
+@runq.function(max_batch_size=8, max_latency_ms=1, expose_errors=False)
+def secretive(inputs: list[str]) -> list[str]:
+    raise ValueError(f"cannot reach postgres://app@10.0.0.7 for {inputs[0]!r}")

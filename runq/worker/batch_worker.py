@@ -58,6 +58,9 @@ logger = logging.getLogger("runq.worker")
 HEARTBEAT_INTERVAL_S = 10.0
 SWEEP_INTERVAL_S = 600.0
 SWEEP_MARGIN_S = 24 * 3600.0
+# What a caller reads of a model error when the function does not expose them; the task id
+# finds the detail in the worker log.
+HIDDEN_MODEL_ERROR = "the model raised an error; the worker log has it under task {task_id}"
 
 
 @dataclass
@@ -288,8 +291,17 @@ class BatchWorker(SimpleWorker):
             logger.warning("worker %s: batch of %d stopped: %s", self.name, len(running), why)
             return [failure(ErrorCode.TIMED_OUT, why)] * len(running)
         for (i, _), outcome in zip(loaded, ran, strict=True):
-            outcomes[i] = self._stored_if_big(running[i], outcome)
+            outcomes[i] = self._stored_if_big(running[i], self._told(running[i], outcome))
         return [outcome for outcome in outcomes if outcome is not None]
+
+    def _told(self, task: Running, outcome: Outcome) -> Outcome:
+        """A model error as far as the function lets its callers see it (expose_errors)."""
+        if outcome.error_code != ErrorCode.MODEL_ERROR or self.settings.expose_errors:
+            return outcome
+        logger.error("task %s: %s", task.task_id, outcome.error_message)
+        return dataclasses.replace(
+            outcome, error_message=HIDDEN_MODEL_ERROR.format(task_id=task.task_id)
+        )
 
     def _input(self, task: Running) -> Any:
         input_ref = field_text(task.fields, constants.INPUT_REF_FIELD)

@@ -191,6 +191,33 @@ def test_model_error_is_500_without_traceback_and_the_worker_carries_on(
     assert client.post("/v1/functions/fails/predict", json={"input": "fine"}).status_code == 200
 
 
+def test_expose_errors_off_answers_a_generic_message_and_logs_the_detail(
+    client: httpx.Client, procs: Callable[..., Proc], redis: Redis
+) -> None:
+    # A model's message may hold internals (hosts, paths, other callers' data).
+    worker = start_worker(procs, redis, "secretive")
+    try:
+        response = client.post("/v1/functions/secretive/predict", json={"input": "x"})
+        assert response.status_code == 500
+        error = response.json()["error"]
+        assert error["code"] == "model_error"
+        assert "postgres" not in response.text
+        assert error["message"] == (
+            f"the model raised an error; the worker log has it under task {error['task_id']}"
+        )
+        read = client.get(f"/v1/tasks/{error['task_id']}/result").text
+        assert "postgres" not in read
+        wait_until(
+            lambda: (
+                f"task {error['task_id']}: ValueError: cannot reach postgres" in worker.output()
+            ),
+            10,
+            "the detail in the worker log",
+        )
+    finally:
+        worker.stop()
+
+
 def test_wrong_number_of_outputs_fails_with_a_clear_message(client: httpx.Client) -> None:
     response = client.post("/v1/functions/wrong_count/predict", json={"input": 1})
     assert response.status_code == 500
