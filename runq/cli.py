@@ -251,18 +251,8 @@ def _worker(args: argparse.Namespace) -> int:
         ),
         live=LiveSettings(settings, {fn.name: fn.declared}),
         predictions=_prediction_log(settings),
-        webhook_sender=_webhook_sender(settings, connection),
     ).run()
     return 0
-
-
-def _webhook_sender(settings: Settings, connection: Any) -> Any:
-    from runq.webhook_sender import WebhookSender
-
-    if settings.webhook_secret is None:
-        return None
-    secret = settings.webhook_secret.get_secret_value().encode()
-    return WebhookSender(connection, secret, allow_private=settings.webhook_allow_private)
 
 
 def _prediction_log(settings: Settings) -> Any:

@@ -1,26 +1,32 @@
 """Sending webhook deliveries: a thread claims due ones, checks each URL again and POSTs it signed.
 
-Before every attempt the host is resolved and checked again (DNS rebinding) and the connection
-goes to the address checked; the body is signed with HMAC-SHA256 (``runq.webhooks``); a failed
-attempt is retried with exponential backoff and the delivery dropped after the last one, with a
-warning. Delivery is at least once: receivers dedupe by ``Runq-Task-Id``. Nothing a receiver does
-can fail a task or stop the thread.
+Deliveries are sent concurrently (an asyncio loop in the thread), at most ``per_host_max`` at
+once to one receiver (scheme, host and port), so a receiver that never answers holds up only its
+own deliveries. Before every attempt the host is resolved and checked again (DNS rebinding) and
+the connection goes to the address checked; the body is signed with HMAC-SHA256
+(``runq.webhooks``); a failed attempt is retried with exponential backoff and the delivery
+dropped after the last one, with a warning. Delivery is at least once: receivers dedupe by
+``Runq-Task-Id``. Nothing a receiver does can fail a task or stop the thread. The gateway runs
+one sender per process (``runq.gateway.app``): it is there whenever tasks can be submitted, also
+while the worker pool is at zero.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
-import socket
+import ssl
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 from redis import Redis
 from redis.exceptions import RedisError
 
-from runq.background import BackgroundLoop
 from runq.errors import ConfigError, ValidationFailed
 from runq.queue import constants
 from runq.queue.webhooks import Delivery, DeliveryQueue
@@ -46,41 +52,12 @@ class _Refused(Exception):
     """The delivery must not be attempted again (its URL is refused now)."""
 
 
-class _Deadline:
-    """Bounds a whole request: httpx's timeout bounds each connect, read and write, so a
-    receiver trickling its answer a byte at a time could otherwise hold the sender for hours.
-    The request's socket is shut down when the time is up, which ends the request with an
-    error."""
-
-    def __init__(self, seconds: float) -> None:
-        self._at = time.monotonic() + seconds
-        self._timer: threading.Timer | None = None
-        self.passed = False
-
-    def trace(self, event: str, info: dict[str, Any]) -> None:
-        if event != "connection.connect_tcp.complete":
-            return
-        sock = info["return_value"].get_extra_info("socket")
-        if isinstance(sock, socket.socket):
-            self._timer = threading.Timer(max(self._at - time.monotonic(), 0.0), self._end, [sock])
-            self._timer.daemon = True
-            self._timer.start()
-
-    def _end(self, sock: socket.socket) -> None:
-        self.passed = True
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-
 class WebhookSender:
     """Sends due webhook deliveries from a background thread; ``start()`` then ``stop()``.
 
     Every ``poll_interval_s`` (at once while there is a backlog) it claims up to ``claim_max``
-    due deliveries and sends them one after another. Attempt n that fails (no 2xx answer within
+    due deliveries, as many as ``inflight_max`` leaves room for, and sends them concurrently, at
+    most ``per_host_max`` at once to one receiver. Attempt n that fails (no 2xx answer within
     ``timeout_s``, redirects not followed) is retried ``backoff_s * 2**(n-1)`` s later, at most
     ``max_backoff_s``; after ``max_attempts`` the delivery is dropped with a warning naming the
     task and the URL's host (never its path or the body). A URL whose host now resolves to a
@@ -100,11 +77,16 @@ class WebhookSender:
         poll_interval_s: float = constants.WEBHOOK_POLL_INTERVAL_S,
         lease_s: float = constants.WEBHOOK_LEASE_S,
         claim_max: int = constants.WEBHOOK_CLAIM_MAX,
+        inflight_max: int = constants.WEBHOOK_INFLIGHT_MAX,
+        per_host_max: int = constants.WEBHOOK_PER_HOST_MAX,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         if not secret:
             raise ConfigError("webhooks need a non-empty webhook_secret to sign deliveries")
-        if max_attempts < 1 or claim_max < 1:
-            raise ConfigError("webhook max_attempts and claim_max must be at least 1")
+        if min(max_attempts, claim_max, inflight_max, per_host_max) < 1:
+            raise ConfigError(
+                "webhook max_attempts, claim_max, inflight_max and per_host_max must be at least 1"
+            )
         self._secret = secret
         self._allow_private = allow_private
         self._backoff_s = backoff_s
@@ -114,39 +96,67 @@ class WebhookSender:
         self._poll_interval_s = poll_interval_s
         self._lease_s = lease_s
         self._claim_max = claim_max
+        self._inflight_max = inflight_max
+        self._per_host_max = per_host_max
         self._queue = DeliveryQueue(connection)
-        # No keep-alive: every delivery connects afresh to the address it checked (a pooled
-        # connection could carry another host's TLS session). No proxies from the environment:
-        # they would connect to whatever the URL names, unchecked.
-        self._client = httpx.Client(
-            timeout=timeout_s,
-            follow_redirects=False,
-            trust_env=False,
-            limits=httpx.Limits(max_keepalive_connections=0),
-            headers={"User-Agent": "runq-webhooks"},
-        )
-        self._loop = BackgroundLoop("runq-webhooks", self._step, first_wait_s=poll_interval_s)
+        # True: certificates are checked against the system's roots.
+        self._verify = verify
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._per_host: dict[str, int] = {}
+        self._stopping = threading.Event()
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="runq-webhooks", daemon=True)
+        _quiet_http_logs()
 
-    # lifecycle ------------------------------------------------------------------------------
+    # lifecycle: start -> loop -> drain -> stop ----------------------------------------------
 
     @property
     def alive(self) -> bool:
         """The sending thread runs (it survives every receiver's and Redis's failures)."""
-        return self._loop.alive
+        return self._thread.is_alive()
 
     def start(self) -> None:
-        self._loop.start()
+        self._thread.start()
 
     def stop(self) -> None:
-        """Stops after the delivery in hand; claimed ones not yet sent are due again at once."""
-        # A send stuck past its deadline must not hold up the worker's exit.
-        if self._loop.stop(timeout_s=self._timeout_s + 1.0):
-            self._client.close()
+        """Stops claiming, gives the deliveries in flight ``timeout_s`` to end, and hands back
+        claimed ones not yet sent, due again at once. Bounded: a delivery still in flight then
+        (several addresses tried) must not hold up the process's exit; its lease lapses and it
+        is sent again later."""
+        self._stopping.set()
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has just closed
+                loop.call_soon_threadsafe(wake.set)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=self._timeout_s + 1.0)
 
-    def _step(self) -> float:
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = self._own_loop()
+        self._wake = asyncio.Event()
+        async with self._client() as client:
+            wait_s = self._poll_interval_s
+            while not await self._paused(wait_s):
+                wait_s = await self._step(client)
+            await self._drain()
+
+    async def _paused(self, seconds: float) -> bool:
+        """Waits ``seconds``, or until stop() or a delivery's end frees a slot; True: stop."""
+        assert self._wake is not None
+        if not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), seconds)
+            self._wake.clear()
+        return self._stopping.is_set()
+
+    async def _step(self, client: httpx.AsyncClient) -> float:
         try:
             # A full claim means a backlog: the next pass comes at once.
-            full = self.run_once() >= self._claim_max
+            full = await self._claim_and_start(client) >= self._claim_max
             return 0 if full else self._poll_interval_s
         except RedisError as exc:
             # Once a second, not every poll, while Redis is unreachable.
@@ -156,35 +166,98 @@ class WebhookSender:
             logger.exception("sending webhook deliveries failed")
         return max(self._poll_interval_s, _ERROR_PAUSE_S)
 
+    async def _drain(self) -> None:
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=self._timeout_s)
+        for task in self._inflight:
+            # Past its deadline: the lease lapses and the delivery is sent again (at least once).
+            task.cancel()
+
+    def _own_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, with threads enough for every delivery in flight to resolve its
+        host (getaddrinfo blocks) while Redis is still answered (asyncio's default has 6 on 2
+        cores)."""
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(
+            ThreadPoolExecutor(self._inflight_max + 2, thread_name_prefix="runq-webhooks")
+        )
+        return loop
+
+    def _client(self) -> httpx.AsyncClient:
+        # No keep-alive: every delivery connects afresh to the address it checked (a pooled
+        # connection could carry another host's TLS session). No proxies from the environment:
+        # they would connect to whatever the URL names, unchecked. Concurrency is bounded by
+        # the sender, not the pool.
+        return httpx.AsyncClient(
+            timeout=self._timeout_s,
+            follow_redirects=False,
+            trust_env=False,
+            verify=self._verify,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
+            headers={"User-Agent": "runq-webhooks"},
+        )
+
     # one pass -------------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Claims the due deliveries and sends them; returns how many were claimed.
+        """One pass, waited out: claims the due deliveries, sends them and returns how many were
+        claimed (sent or handed back). Raises only if the claim itself fails (Redis)."""
 
-        Raises only if the claim itself fails (Redis); a delivery's failure is handled here.
-        """
-        deliveries = self._queue.claim(self._lease_s, self._claim_max)
-        for index, delivery in enumerate(deliveries):
-            if self._loop.stopping:
-                self._release(deliveries[index:])
-                break
-            self._deliver(delivery)
+        async def once() -> int:
+            self._own_loop()
+            async with self._client() as client:
+                claimed = await self._claim_and_start(client)
+                if self._inflight:
+                    await asyncio.wait(self._inflight)
+                return claimed
+
+        return asyncio.run(once())
+
+    async def _claim_and_start(self, client: httpx.AsyncClient) -> int:
+        """Claims what the free slots allow and starts sending; returns how many were claimed."""
+        room = min(self._claim_max, self._inflight_max - len(self._inflight))
+        if room < 1:
+            return 0
+        deliveries = await asyncio.to_thread(self._queue.claim, self._lease_s, room)
+        for delivery in deliveries:
+            origin = _origin_of(delivery.url)
+            if self._stopping.is_set():
+                await self._hand_back(delivery, 0)
+            elif self._per_host.get(origin, 0) >= self._per_host_max:
+                # Held here it would take a slot others could use; one of its receiver's slots
+                # frees within timeout_s.
+                await self._hand_back(delivery, self._timeout_s)
+            else:
+                self._per_host[origin] = self._per_host.get(origin, 0) + 1
+                task = asyncio.create_task(self._deliver(client, delivery))
+                self._inflight.add(task)
+                task.add_done_callback(functools.partial(self._ended, origin=origin))
         return len(deliveries)
 
-    def _deliver(self, delivery: Delivery) -> None:
+    def _ended(self, task: asyncio.Task[None], origin: str) -> None:
+        self._inflight.discard(task)
+        left = self._per_host[origin] - 1
+        if left:
+            self._per_host[origin] = left
+        else:
+            del self._per_host[origin]
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _deliver(self, client: httpx.AsyncClient, delivery: Delivery) -> None:
         host = _host_of(delivery.url)
         try:
             if delivery.attempt > self._max_attempts:
                 # Claimed again after its last attempt was cut short (a sender died mid-send).
-                self._drop(delivery, host, f"no attempts left ({self._max_attempts} made)")
+                await self._drop(delivery, host, f"no attempts left ({self._max_attempts} made)")
                 return
             try:
-                failure = self._post(delivery)
+                failure = await self._post(client, delivery)
             except _Refused as exc:
-                self._drop(delivery, host, str(exc))
+                await self._drop(delivery, host, str(exc))
                 return
             if failure is None:
-                self._queue.done(delivery)
+                await asyncio.to_thread(self._queue.done, delivery)
                 logger.info(
                     "webhook for task %s delivered to %s (attempt %d)",
                     delivery.task_id,
@@ -192,12 +265,12 @@ class WebhookSender:
                     delivery.attempt,
                 )
             elif delivery.attempt >= self._max_attempts:
-                self._drop(
+                await self._drop(
                     delivery, host, f"{delivery.attempt} attempts failed, the last: {failure}"
                 )
             else:
                 delay_s = self.backoff(delivery.attempt)
-                self._queue.retry_in(delivery, delay_s)
+                await asyncio.to_thread(self._queue.retry_in, delivery, delay_s)
                 logger.info(
                     "webhook for task %s to %s failed (attempt %d of %d): %s; retrying in %.1f s",
                     delivery.task_id,
@@ -222,11 +295,13 @@ class WebhookSender:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
         return float(min(self._backoff_s * 2 ** (attempt - 1), self._max_backoff_s))
 
-    def _post(self, delivery: Delivery) -> str | None:
+    async def _post(self, client: httpx.AsyncClient, delivery: Delivery) -> str | None:
         """One attempt; None when answered 2xx, else what went wrong. Raises _Refused."""
         try:
             url = parse_url(delivery.url)
-            addresses = checked_addresses(url, allow_private=self._allow_private)
+            addresses = await asyncio.to_thread(
+                checked_addresses, url, allow_private=self._allow_private
+            )
         except Unresolvable as exc:
             return exc.message
         except ValidationFailed as exc:
@@ -245,8 +320,16 @@ class WebhookSender:
             # A scoped IPv6 address (fe80::1%eth0; allowed only with allow_private) cannot be
             # written into a URL: that one is left to httpx to resolve.
             target = url if "%" in address else url.copy_with(host=address)
+            request = client.build_request(
+                "POST",
+                target,
+                content=delivery.body,
+                headers=headers,
+                # TLS checks the certificate against the URL's host name, not the address.
+                extensions={"sni_hostname": url.raw_host.decode("ascii")},
+            )
             try:
-                status = self._send(target, url.raw_host.decode("ascii"), headers, delivery.body)
+                status = await self._send(client, request)
             except httpx.ConnectError as exc:
                 failure = f"cannot connect to {address}: {_reason(exc)}"
                 continue
@@ -260,41 +343,42 @@ class WebhookSender:
             return None if 200 <= status < 300 else f"answered HTTP {status}"
         return failure
 
-    def _send(
-        self, target: httpx.URL, server_name: str, headers: dict[str, str], body: bytes
-    ) -> int:
-        deadline = _Deadline(self._timeout_s)
-        try:
-            with self._client.stream(
-                "POST",
-                target,
-                content=body,
-                headers=headers,
-                # TLS checks the certificate against the URL's host name, not the address.
-                extensions={"sni_hostname": server_name, "trace": deadline.trace},
-            ) as response:
-                # The answer's body is never read: only the status counts.
-                return response.status_code
-        except httpx.HTTPError as exc:
-            # A connect timeout is the address's fault (the next one is tried); any other
-            # timeout, or the socket shut at the deadline, is the receiver's.
-            late = isinstance(exc, httpx.TimeoutException) and not isinstance(
-                exc, httpx.ConnectTimeout
-            )
-            if deadline.passed or late:
-                raise _TimedOut from None
-            raise
-        finally:
-            deadline.cancel()
+    async def _send(self, client: httpx.AsyncClient, request: httpx.Request) -> int:
+        """The answer's status. The whole request is bounded by ``timeout_s``: httpx's timeout
+        bounds each connect, read and write, so a receiver trickling its answer a byte at a time
+        could otherwise hold the delivery for hours."""
+        connected = False
 
-    def _drop(self, delivery: Delivery, host: str, why: str) -> None:
-        self._queue.done(delivery)
+        async def trace(event: str, _info: dict[str, Any]) -> None:
+            nonlocal connected
+            connected = connected or event == "connection.connect_tcp.complete"
+
+        request.extensions["trace"] = trace
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                response = await client.send(request, stream=True)
+                # The answer's body is never read: only the status counts.
+                await response.aclose()
+                return response.status_code
+        except TimeoutError:
+            if connected:
+                raise _TimedOut from None
+            raise httpx.ConnectTimeout("connect timed out", request=request) from None
+        except httpx.TimeoutException as exc:
+            # A connect timeout is the address's fault (the next one is tried); any other
+            # timeout is the receiver's.
+            if isinstance(exc, httpx.ConnectTimeout):
+                raise
+            raise _TimedOut from None
+
+    async def _drop(self, delivery: Delivery, host: str, why: str) -> None:
+        await asyncio.to_thread(self._queue.done, delivery)
         logger.warning("webhook for task %s to %s dropped: %s", delivery.task_id, host, why)
 
-    def _release(self, deliveries: list[Delivery]) -> None:
-        for delivery in deliveries:
-            with contextlib.suppress(RedisError):
-                self._queue.retry_in(delivery, 0, attempted=False)
+    async def _hand_back(self, delivery: Delivery, delay_s: float) -> None:
+        """Due again in ``delay_s``, its claimed attempt not counted (it was never made)."""
+        with contextlib.suppress(RedisError):
+            await asyncio.to_thread(self._queue.retry_in, delivery, delay_s, attempted=False)
 
 
 class _TimedOut(Exception):
@@ -307,6 +391,22 @@ def _host_of(url: str) -> str:
         return httpx.URL(url).host or "?"
     except (httpx.InvalidURL, ValueError, UnicodeError):
         return "?"
+
+
+def _origin_of(url: str) -> str:
+    """Whom a delivery goes to, for the per-receiver bound: scheme, host and port."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, UnicodeError):
+        return "?"
+    return f"{parsed.scheme}://{parsed.host}:{parsed.port}"
+
+
+def _quiet_http_logs() -> None:
+    """httpx logs every request's full URL at INFO; a webhook URL's path and query may hold a
+    token, so only its warnings pass (runq's own lines name the host alone)."""
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _reason(exc: httpx.HTTPError) -> str:

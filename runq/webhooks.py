@@ -6,9 +6,9 @@
 - **Record** (worker): ``runq.queue.webhooks.enqueue`` adds the delivery inside the transaction
   that records the task's outcome, so a recorded outcome always has its delivery and an
   unrecorded one none.
-- **Send** (``runq.webhook_sender.WebhookSender``): claims due deliveries, checks each URL
-  again and POSTs it signed, with retries. Delivery is at least once: receivers dedupe by
-  ``Runq-Task-Id``.
+- **Send** (``runq.webhook_sender.WebhookSender``, in every gateway process): claims due
+  deliveries, checks each URL again and POSTs them signed, concurrently, with retries.
+  Delivery is at least once: receivers dedupe by ``Runq-Task-Id``.
 
 Signature header: ``Runq-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>." + body>``;
 receivers check it with ``verify``.

@@ -127,7 +127,7 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 def store(valkey_url: str) -> Iterator[Redis]:
-    """The suite's Valkey, on a database of its own: workers of other tests, which run webhook
+    """The suite's Valkey, on a database of its own: gateways of other tests, which run webhook
     senders against database 0, must not take these deliveries."""
     client = Redis.from_url(valkey_url, db=13)
     client.flushdb()

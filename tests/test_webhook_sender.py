@@ -33,9 +33,9 @@ from tests.helpers import (
     delivered,
     fast_sender,
     free_port,
-    start_gateway,
     start_worker,
     submit,
+    wait_for_gateway,
     wait_until,
 )
 
@@ -185,6 +185,66 @@ def test_stop_hands_back_claimed_deliveries_it_did_not_send(store: Redis) -> Non
     sender.stop()
 
 
+def tarpit() -> socket.socket:
+    """A receiver that takes connections (the kernel completes them) and never answers."""
+    return socket.create_server(("127.0.0.1", 0), backlog=32)
+
+
+def test_receivers_that_never_answer_do_not_hold_up_a_good_one(
+    store: Redis, receiver: Receiver
+) -> None:
+    pits = [tarpit() for _ in range(8)]
+    try:
+        # Claimed first: their ids sort before the good one's, and they are due earlier.
+        for n, pit in enumerate(pits):
+            submit(store, f"pit-{n}", f"http://127.0.0.1:{pit.getsockname()[1]}/hook")
+        submit(store, "t-good", receiver.url)
+        sender = fast_sender(store, timeout_s=1.0)
+        sender.start()
+        try:
+            # Sent one after another, the good one would wait 8 x 1 s behind the tarpits.
+            wait_until(lambda: delivered(store, "t-good"), 3, "the good webhook")
+        finally:
+            sender.stop()
+    finally:
+        for pit in pits:
+            pit.close()
+    assert len(receiver.requests) == 1
+
+
+def test_one_receiver_gets_at_most_per_host_max_deliveries_at_once(store: Redis) -> None:
+    pit = tarpit()
+    try:
+        url = f"http://127.0.0.1:{pit.getsockname()[1]}/hook"
+        for n in range(5):
+            submit(store, f"pit-{n}", url)
+        sender = fast_sender(store, timeout_s=0.3, per_host_max=2)
+        assert sender.run_once() == 5
+    finally:
+        pit.close()
+    attempts = [store.hget(constants.webhook_key(f"pit-{n}"), "attempts") for n in range(5)]
+    # Two were attempted (and timed out); three were handed back unattempted, due again later.
+    assert sorted(attempts) == [b"0", b"0", b"0", b"1", b"1"]
+    for n in range(5):
+        assert store.zscore(constants.WEBHOOKS_DUE_KEY, f"pit-{n}") is not None
+
+
+def test_no_log_line_shows_a_webhook_urls_path_or_query(
+    store: Redis, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.statuses = [500]
+    submit(store, "t-quiet", receiver.url)
+    sender = fast_sender(store)
+    with caplog.at_level(logging.DEBUG):
+        sender.start()
+        try:
+            wait_until(lambda: delivered(store, "t-quiet"), 10, "the second attempt")
+        finally:
+            sender.stop()
+    assert "t-quiet" in caplog.text and "127.0.0.1" in caplog.text
+    assert "/hooks" not in caplog.text and "s3cret" not in caplog.text
+
+
 def test_backoff_doubles_up_to_the_cap(store: Redis) -> None:
     sender = WebhookSender(store, SECRET, allow_private=False)
     assert [sender.backoff(n) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
@@ -237,8 +297,7 @@ def test_https_is_checked_against_the_urls_name_while_connecting_to_the_checked_
     receiver = Receiver(tls=server_tls)
     try:
         body = submit(store, "t-tls", receiver.url)
-        sender = fast_sender(store)
-        sender._client = httpx.Client(verify=trusting, trust_env=False, timeout=2.0)
+        sender = fast_sender(store, verify=trusting)
         with caplog.at_level(logging.INFO, logger="runq.webhooks"):
             assert sender.run_once() == 1
         sender.stop()
@@ -258,19 +317,34 @@ def test_https_is_checked_against_the_urls_name_while_connecting_to_the_checked_
 # end to end: gateway, worker, receiver -------------------------------------------------------
 
 
-def test_a_submitted_task_is_posted_to_its_webhook_when_it_ends(
+def test_webhooks_go_out_from_the_gateway_also_while_no_worker_is_alive(
     procs: Callable[..., Proc], redis: Redis, receiver: Receiver
 ) -> None:
     env = {"RUNQ_WEBHOOK_SECRET": E2E_SECRET, "RUNQ_WEBHOOK_ALLOW_PRIVATE": "true"}
-    url = start_gateway(procs, env=env, target=HOOKED)
-    start_worker(procs, redis, "hooked", target=HOOKED, env=env)
-    task = httpx.post(
-        f"{url}/v1/functions/hooked/tasks", json={"input": 14, "webhook": receiver.url}
-    ).json()
-    with receiver.arrived:
-        assert receiver.arrived.wait_for(lambda: receiver.requests, timeout=20)
-    headers, body = receiver.requests[0]
-    assert verify(E2E_SECRET, headers["Runq-Signature"], body)
-    posted = json.loads(body)
-    assert posted["id"] == task["id"] and posted["status"] == "succeeded"
-    assert posted["output"] == 42
+    port = free_port()
+    gateway = procs("gateway", HOOKED, "--port", str(port), env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_gateway(gateway, url)
+        worker = start_worker(procs, redis, "hooked", target=HOOKED, env=env)
+        task = httpx.post(
+            f"{url}/v1/functions/hooked/tasks", json={"input": 14, "webhook": receiver.url}
+        ).json()
+        wait_until(lambda: receiver.requests, 20, "the task's webhook")
+        headers, body = receiver.requests[0]
+        assert verify(E2E_SECRET, headers["Runq-Signature"], body)
+        posted = json.loads(body)
+        assert posted["id"] == task["id"] and posted["status"] == "succeeded"
+        assert posted["output"] == 42
+
+        # The pool scales to zero with a delivery still due (its first attempt failed, say).
+        worker.stop()
+        due = submit(redis, "t-no-worker", receiver.url)
+        wait_until(lambda: len(receiver.requests) == 2, 10, "the gateway's delivery")
+        headers, body = receiver.requests[1]
+        assert body == due and verify(E2E_SECRET, headers["Runq-Signature"], body)
+    finally:
+        gateway.stop()
+    log = gateway.output()
+    assert "t-no-worker delivered to 127.0.0.1" in log
+    assert "/hooks" not in log and "s3cret" not in log

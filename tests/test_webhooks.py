@@ -12,7 +12,17 @@ import pytest
 
 from runq.errors import ValidationFailed
 from runq.webhooks import check_url, sign, signature_header, verify
-from tests.helpers import E2E_SECRET, HOOKED, PUBLIC, SECRET, Proc, Receiver, start_gateway
+from tests.helpers import (
+    E2E_SECRET,
+    HOOKED,
+    PUBLIC,
+    SECRET,
+    Proc,
+    Receiver,
+    free_port,
+    start_gateway,
+    wait_for_gateway,
+)
 
 # check_url ------------------------------------------------------------------------------------
 
@@ -137,10 +147,17 @@ def test_verify_refuses_tampering_old_timestamps_and_garbage() -> None:
 def test_a_webhook_to_a_private_address_is_refused_at_submit(
     procs: Callable[..., Proc], receiver: Receiver
 ) -> None:
-    guarded = start_gateway(procs, env={"RUNQ_WEBHOOK_SECRET": E2E_SECRET}, target=HOOKED)
-    refused = httpx.post(
-        f"{guarded}/v1/functions/hooked/tasks", json={"input": 1, "webhook": receiver.url}
-    )
+    port = free_port()
+    guarded = procs("gateway", HOOKED, "--port", str(port), env={"RUNQ_WEBHOOK_SECRET": E2E_SECRET})
+    try:
+        wait_for_gateway(guarded, f"http://127.0.0.1:{port}")
+        refused = httpx.post(
+            f"http://127.0.0.1:{port}/v1/functions/hooked/tasks",
+            json={"input": 1, "webhook": receiver.url},
+        )
+    finally:
+        # Its webhook sender refuses loopback receivers: other tests' deliveries are not its.
+        guarded.stop()
     assert refused.status_code == 422
     assert "loopback" in refused.json()["error"]["message"]
     unsigned = start_gateway(procs, target=HOOKED)

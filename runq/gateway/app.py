@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
+from redis import Redis
 from redis.exceptions import RedisError
 
 from runq import logs
@@ -29,6 +30,7 @@ from runq.queue.storage import open_store
 from runq.queue.store import TaskStore
 from runq.queue.waiter import TaskWaiter
 from runq.settings import ENV_TARGET, Settings, load_settings
+from runq.webhook_sender import WebhookSender
 
 logger = logging.getLogger("runq.gateway")
 
@@ -61,10 +63,17 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
         app.state.store = store
         app.state.waiter = waiter
         follower = asyncio.create_task(_follow_deployed(redis, live, served), name="runq-live")
+        webhooks = Redis.from_url(redis_url)
+        sender = _webhook_sender(settings, webhooks)
+        if sender is not None:
+            sender.start()
         try:
             yield
         finally:
             follower.cancel()
+            if sender is not None:
+                await asyncio.to_thread(sender.stop)
+            webhooks.close()
             await waiter.stop()
             await redis.aclose()
 
@@ -88,6 +97,16 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
     # Outermost, so a refused oversized body is measured and logged like any answer.
     app.add_middleware(RequestMetrics, functions=list(served))
     return app
+
+
+def _webhook_sender(settings: Settings, connection: Redis) -> WebhookSender | None:
+    """Webhooks go out from the gateway, which is there whenever tasks can be submitted, also
+    while the worker pool is at zero; several gateway processes share the deliveries, each
+    claimed by one of them at a time."""
+    if settings.webhook_secret is None:
+        return None
+    secret = settings.webhook_secret.get_secret_value().encode()
+    return WebhookSender(connection, secret, allow_private=settings.webhook_allow_private)
 
 
 def _telemetry(settings: Settings) -> TelemetryConfig:

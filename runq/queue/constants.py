@@ -149,9 +149,14 @@ WEBHOOK_ATTEMPTS_FIELD = "attempts"
 WEBHOOKS_DUE_KEY = RUNQ_PREFIX + "webhooks:due"
 # Outlives the whole retry schedule by far: a delivery waits here while no sender runs.
 WEBHOOK_TTL_S = 24 * 3600
-# Covers a claimed batch sent one after another (WEBHOOK_CLAIM_MAX x WEBHOOK_TIMEOUT_S + DNS).
+# Covers one claimed delivery's attempt: DNS, then up to 3 addresses x WEBHOOK_TIMEOUT_S.
 WEBHOOK_LEASE_S = 60.0
 WEBHOOK_CLAIM_MAX = 8
+# Deliveries one sender process has in flight at once, and at most to one receiver (scheme, host
+# and port): a receiver that never answers holds up only its own deliveries, and one with a
+# backlog is not flooded.
+WEBHOOK_INFLIGHT_MAX = 64
+WEBHOOK_PER_HOST_MAX = 4
 WEBHOOK_POLL_INTERVAL_S = 0.2
 WEBHOOK_TIMEOUT_S = 5.0
 # Retry n waits WEBHOOK_BACKOFF_S * 2**(n-1), at most WEBHOOK_BACKOFF_MAX_S; after

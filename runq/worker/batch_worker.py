@@ -48,7 +48,6 @@ from runq.queue.tasks import (
     output_json,
 )
 from runq.settings import FunctionSettings
-from runq.webhook_sender import WebhookSender
 from runq.worker.collect import BatchCollector
 from runq.worker.leases import LeaseKeeper
 from runq.worker.runner import BatchTimeout, ModelRunner
@@ -87,7 +86,6 @@ class BatchWorker(SimpleWorker):
         *,
         live: LiveSettings | None = None,
         predictions: PredictionLog | None = None,
-        webhook_sender: WebhookSender | None = None,
     ) -> None:
         # One RQ queue per priority, so `rq info` lists this worker on each.
         queues = [
@@ -108,7 +106,6 @@ class BatchWorker(SimpleWorker):
         self.reaper = Reaper(connection, function.name, settings.retries)
         self.live = live
         self.claim_check = claim_check
-        self.helpers = [h for h in (predictions, webhook_sender) if h is not None]
         self.predictions = predictions
         # Between batches, each at most this often.
         self._chores = [
@@ -134,16 +131,16 @@ class BatchWorker(SimpleWorker):
         )
         self.bootstrap(logging_level=None)
         self.leases.start()
-        for helper in self.helpers:
-            helper.start()
+        if self.predictions is not None:
+            self.predictions.start()
         try:
             outage = Outage(f"worker {self.name}", logger)
             while not self._stop_requested:
                 outage.attempt(self._step)
         finally:
             self.leases.stop()
-            for helper in self.helpers:
-                helper.stop()
+            if self.predictions is not None:
+                self.predictions.stop()
             try:
                 super().teardown()
             except RedisError as exc:
