@@ -17,7 +17,6 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     CONFLICT = "conflict"
-    GONE = "gone"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     VALIDATION_ERROR = "validation_error"
@@ -97,11 +96,6 @@ class NotFound(RunqError):
 class Conflict(RunqError):
     status_code = 409
     code = ErrorCode.CONFLICT
-
-
-class Gone(RunqError):
-    status_code = 410
-    code = ErrorCode.GONE
 
 
 class PayloadTooLarge(RunqError):

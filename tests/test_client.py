@@ -239,7 +239,9 @@ def test_predict_timeout_is_raised_at_once_not_retried(client: runq.Client) -> N
 
 
 @pytest.mark.usefixtures("parked")
-def test_idempotency_conflict_and_gone(client: runq.Client, redis: Redis) -> None:
+def test_idempotency_conflict_and_a_key_whose_record_vanished(
+    client: runq.Client, redis: Redis
+) -> None:
     key = unique("order")
     first = client.submit("parked", 1, idempotency_key=key)
     assert client.submit("parked", 1, idempotency_key=key).id == first.id
@@ -247,12 +249,11 @@ def test_idempotency_conflict_and_gone(client: runq.Client, redis: Redis) -> Non
         client.submit("parked", 2, idempotency_key=key)
     assert isinstance(conflict.value, runq.ValidationFailed)
     assert "task_id" not in conflict.value.details
-    # The key's task record expired: 410, never a second run, never retried.
+    # The key's task record vanished (expired, `rq empty`): the key runs the request anew.
     redis.delete(f"rq:job:{first.id}")
-    with pytest.raises(runq.Gone) as gone:
-        client.submit("parked", 1, idempotency_key=key)
-    assert gone.value.details == {"task_id": first.id, "attempts": 1, "idempotency_key": key}
-    assert queued(redis, "parked") == 1
+    again = client.submit("parked", 1, idempotency_key=key)
+    assert again.id != first.id and again.status == "queued"
+    assert queued(redis, "parked") == 2
 
 
 def test_no_gateway_is_connection_failed_naming_the_attempts() -> None:

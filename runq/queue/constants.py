@@ -82,6 +82,13 @@ WEBHOOK_FIELD = "runq_webhook"
 REPLY_CHANNEL_PREFIX = RUNQ_PREFIX + "reply:"
 # A task's own channel: its id is published here when it ends, for long-polls on any gateway.
 TASK_CHANNEL_PREFIX = RUNQ_PREFIX + "task:"
+# How often a gateway checks that the tasks it waits on still exist. DELETE tells waiters at
+# once; a record that goes without runq's word (`rq empty`, FLUSHDB, an eviction) is only found
+# by looking: one pipelined EXISTS per waited-on task, one round trip per gateway process per
+# interval, and none while nothing waits. Keyspace notifications would need server config
+# (notify-keyspace-events) that managed Redis often refuses, and would send every gateway
+# every deletion in the whole Redis.
+WAIT_EXISTS_INTERVAL_S = 1.0
 
 # A function's wake list: enqueue pushes a token, idle workers block on it. Tokens are hints
 # (the queues are the truth), so the list is capped and cleared once the queues are empty.

@@ -8,8 +8,10 @@ from runq.queue import constants, lua
 
 # KEYS[1] job hash, KEYS[2] queue list, KEYS[3] results stream, KEYS[4] the job's executions,
 # KEYS[5] started, KEYS[6] finished, KEYS[7] failed, KEYS[8] canceled registry
-# ARGV[1] task id
-# Returns 1 when deleted, 0 when there was no such task.
+# ARGV[1] task id, ARGV[2] the task's channel
+# Returns 1 when deleted, 0 when there was no such task. Waiters hear the bare task id on the
+# task's channel and on its reply channel, re-read it, find nothing and answer 404 at once
+# instead of at their timeout.
 DELETE = lua.script(
     """
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -25,14 +27,20 @@ local idempotency = redis.call('HGET', KEYS[1], IDEMPOTENCY)
 if idempotency then
   redis.call('DEL', idempotency)
 end
+local reply_to = redis.call('HGET', KEYS[1], REPLY_TO)
 redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('ZREM', KEYS[7], ARGV[1])
 redis.call('ZREM', KEYS[8], ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[1])
+if reply_to then
+  redis.call('PUBLISH', reply_to, ARGV[1])
+end
 return 1
 """,
     EXECUTION_PREFIX=constants.RQ_EXECUTION_PREFIX,
     IDEMPOTENCY=constants.IDEMPOTENCY_FIELD,
+    REPLY_TO=constants.REPLY_TO_FIELD,
 )
 
 
@@ -52,6 +60,6 @@ class Delete:
                 constants.failed_registry_key(queue),
                 constants.canceled_registry_key(queue),
             ],
-            args=[task_id],
+            args=[task_id, constants.task_channel(task_id)],
         )
         return bool(deleted)

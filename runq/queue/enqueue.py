@@ -30,17 +30,16 @@ from runq.queue import constants, lua
 # Returns {Reply, value}: the task id, or the drain rate when the queue was full (nothing
 # written). A key whose task was withdrawn before it ever started (a predict that timed out in
 # the queue), or whose worker was lost with its retries spent, is free again: a retry must be
-# able to run what never ran, or never finished through no fault of its own.
+# able to run what never ran, or never finished through no fault of its own. So is a key whose
+# task record is gone (deleted, emptied by `rq empty`, expired): there is no task left to
+# answer with, and a caller told "gone" could only pick a new key for the same request.
 ENQUEUE = lua.script(
     """
 local idempotency = KEYS[10]
-if idempotency then
-  local held = redis.call('HMGET', idempotency, IDEM_TASK, IDEM_BODY)
-  if held[1] then
-    local task = redis.call('HMGET', JOB_PREFIX .. held[1], STATUS, STARTED_AT, ERROR)
-    if not task[1] then
-      return {EXPIRED, held[1]}
-    end
+local held = idempotency and redis.call('HMGET', idempotency, IDEM_TASK, IDEM_BODY) or {}
+if held[1] then
+  local task = redis.call('HMGET', JOB_PREFIX .. held[1], STATUS, STARTED_AT, ERROR)
+  if task[1] then
     local never_ran = task[1] == CANCELED and (not task[2] or task[2] == '')
     local lost = false
     if task[1] == FAILED and task[3] then
@@ -89,7 +88,6 @@ return {ENQUEUED, ARGV[2]}
     ENQUEUED=1,
     REPLAYED=2,
     CONFLICT=3,
-    EXPIRED=4,
     JOB_PREFIX=constants.RQ_JOB_PREFIX,
     STATUS=constants.STATUS_FIELD,
     STARTED_AT=constants.STARTED_AT_FIELD,
@@ -111,10 +109,9 @@ return {ENQUEUED, ARGV[2]}
 class Reply(IntEnum):
     FULL = 0
     ENQUEUED = 1
-    # The idempotency key's task: asked with the same body, with another one, or expired.
+    # The idempotency key's task: asked with the same body, or with another one.
     REPLAYED = 2
     CONFLICT = 3
-    EXPIRED = 4
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from redis import Redis
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
-from runq.errors import Gone, IdempotencyConflict, QueueFull
+from runq.errors import IdempotencyConflict, QueueFull
 from runq.queue import constants, storage
 from runq.queue.cancel import Cancel
 from runq.queue.delete import Delete
@@ -192,6 +192,14 @@ class TaskStore:
         before = await self.cancel(task_id, queue, which="due", error=deadline_passed_error())
         return before == JobStatus.QUEUED.value
 
+    async def missing(self, task_ids: list[str]) -> list[str]:
+        """The tasks of ``task_ids`` that have no record, read in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.exists(constants.job_key(task_id))
+            found = await pipe.execute()
+        return [task_id for task_id, exists in zip(task_ids, found, strict=True) if not exists]
+
     async def queue_of(self, task_id: str) -> str | None:
         """The RQ queue the task was enqueued on (its function and priority); None: no task."""
         return text(await self.redis.hget(constants.job_key(task_id), "origin"))
@@ -220,12 +228,6 @@ def _refused(function: str, settings: FunctionSettings, enqueued: Enqueued) -> A
         raise IdempotencyConflict(
             "Idempotency-Key is already taken by a request with a different body; "
             "use a new key for a new request"
-        )
-    if enqueued.reply == Reply.EXPIRED:
-        raise Gone(
-            f"Idempotency-Key names task {held}, whose record has expired (result_ttl_s); "
-            "use a new key to run it again",
-            task_id=held,
         )
     raise QueueFull(
         f"function {function!r} already has {settings.max_queue} queued tasks",

@@ -4,7 +4,9 @@ One pub/sub connection per gateway process carries every notification: whole fin
 the process's reply channel (predict), and bare task ids on task channels (long-polls, cancels).
 Each waiter is a future. A message can be lost (a reconnect, a subscription that raced the end of
 the task), so a waiter that times out re-reads the task before it answers, and every reconnect
-re-reads every task still waited on.
+re-reads every task still waited on. A task whose record vanishes with no message at all
+(`rq empty`) is found by a sweep that checks every WAIT_EXISTS_INTERVAL_S that the admitted
+tasks waited on still exist.
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ class TaskWaiter:
         self._waiting: dict[str, set[asyncio.Future[Ended]]] = defaultdict(set)
         self._channel_refs: dict[str, int] = {}
         self._confirmations: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
+        # Tasks waited on that are known to have been admitted, with how many wait on each: only
+        # these are swept, since a predict's task has no record until its enqueue returns.
+        self._admitted: dict[str, int] = defaultdict(int)
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
 
@@ -48,12 +54,14 @@ class TaskWaiter:
     async def start(self) -> None:
         """Starts listening; `connected` is set once the reply channel is subscribed."""
         self._listener = asyncio.create_task(self._listen(), name="runq-waiter")
+        self._sweeper = asyncio.create_task(self._sweep(), name="runq-waiter-sweep")
 
     async def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        for loop in (self._listener, self._sweeper):
+            if loop is not None:
+                loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop
         for task in list(self._background):
             task.cancel()
         if self._pubsub is not None:
@@ -82,11 +90,13 @@ class TaskWaiter:
         # A timer that ends the wait with a marker costs less than asyncio.wait or wait_for
         # (a waiter future and callbacks, or a task) on predict's hottest await.
         timer = asyncio.get_running_loop().call_later(timeout_s, _expire, future)
+        self._admitted[task_id] += 1
         try:
             task = await future
         finally:
             timer.cancel()
             self.forget(task_id, future)
+            self._unadmit(task_id)
         if task is not _EXPIRED:
             return task
         return await self._store.read(task_id, with_output=True)
@@ -106,6 +116,25 @@ class TaskWaiter:
         finally:
             self.forget(task_id, future)
             await self._unsubscribe(channel)
+
+    def _unadmit(self, task_id: str) -> None:
+        self._admitted[task_id] -= 1
+        if not self._admitted[task_id]:
+            del self._admitted[task_id]
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(constants.WAIT_EXISTS_INTERVAL_S)
+            if not self._admitted:
+                continue
+            try:
+                gone = await self._store.missing(list(self._admitted))
+            except (RedisError, OSError) as exc:
+                # The listener reconnects and re-reads; the next sweep tries again.
+                logger.debug("cannot check waited-on tasks (%s)", exc)
+                continue
+            for task_id in gone:
+                self._resolve(task_id, None)
 
     # pub/sub -------------------------------------------------------------------------------
 

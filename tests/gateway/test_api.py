@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
+from rq import Queue
 
+from runq.queue.constants import WAIT_EXISTS_INTERVAL_S
 from tests.fns import RAN_KEY
 from tests.helpers import GATEWAY_ENV, Proc, start_gateway, start_worker, wait_until
 
@@ -493,6 +496,39 @@ def test_delete_removes_the_task_and_its_records(client: httpx.Client, redis: Re
     assert client.get(f"/v1/tasks/{task['id']}").status_code == 404
     assert redis.exists(f"rq:job:{task['id']}", f"rq:results:{task['id']}") == 0
     assert redis.zscore("rq:finished:runq.echo", task["id"]) is None
+
+
+# Far below the waits below (30 s): a waiter answers when its task goes, not at its timeout.
+GONE_WITHIN_S = 3
+
+
+@pytest.mark.usefixtures("parked")
+def test_delete_wakes_a_waiting_predict_with_404_at_once(gateway: str, redis: Redis) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(
+            httpx.post, f"{gateway}/v1/functions/parked/predict?timeout=30", json={"input": 1}
+        )
+        task_id = wait_until(lambda: redis.lindex(PARKED_QUEUE, 0), what="the task queued")
+        assert httpx.delete(f"{gateway}/v1/tasks/{task_id.decode()}").status_code == 204
+        response = waiting.result(timeout=GONE_WITHIN_S)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.usefixtures("parked")
+def test_a_task_emptied_by_rq_wakes_its_long_poll_with_404(
+    client: httpx.Client, gateway: str, redis: Redis
+) -> None:
+    task = submit(client, "parked", 1)
+    channel = f"runq:task:{task['id']}"
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(httpx.get, f"{gateway}/v1/tasks/{task['id']}/result?wait=30")
+        wait_until(lambda: redis.pubsub_numsub(channel)[0][1] == 1, what="the long-poll")
+        # What `rq empty runq.parked` runs: the job hash goes with no word to runq.
+        assert Queue("runq.parked", connection=redis).empty() == 1
+        response = waiting.result(timeout=WAIT_EXISTS_INTERVAL_S + GONE_WITHIN_S)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
 
 
 # functions, health, docs ----------------------------------------------------------------------
