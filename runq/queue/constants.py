@@ -190,6 +190,12 @@ def queue_name(function: str, priority: str = DEFAULT_PRIORITY) -> str:
     return QUEUE_NAME_PREFIX + function + suffix
 
 
+def is_runq_queue(name: str) -> bool:
+    """Whether an RQ queue (a job's origin) is runq's: a job of another RQ app sharing the Redis
+    is no task of runq's, which neither shows nor touches it."""
+    return name.startswith(QUEUE_NAME_PREFIX)
+
+
 # Function names never hold a dot: "runq.<function>[.<priority>]" splits one way only.
 def function_of_queue(name: str) -> str:
     return name.removeprefix(QUEUE_NAME_PREFIX).partition(".")[0]

@@ -166,7 +166,7 @@ class TaskStore:
                 pipe.xrevrange(constants.results_key(task_id), count=1)
             replies = await pipe.execute()
         fields = replies[0]
-        if not fields:
+        if not fields or not constants.is_runq_queue(fields.get(b"origin", b"").decode()):
             return None
         if _overdue_in_queue(fields) and await self._end_if_due(task_id, fields):
             return await self.read(task_id, with_output=with_output)
@@ -201,8 +201,10 @@ class TaskStore:
         return [task_id for task_id, exists in zip(task_ids, found, strict=True) if not exists]
 
     async def queue_of(self, task_id: str) -> str | None:
-        """The RQ queue the task was enqueued on (its function and priority); None: no task."""
-        return text(await self.redis.hget(constants.job_key(task_id), "origin"))
+        """The RQ queue the task was enqueued on (its function and priority); None: no task of
+        runq's."""
+        queue = text(await self.redis.hget(constants.job_key(task_id), "origin"))
+        return queue if queue is not None and constants.is_runq_queue(queue) else None
 
     async def delete(self, task_id: str, queue: str) -> bool:
         refs = await self.redis.hmget(

@@ -498,6 +498,28 @@ def test_delete_removes_the_task_and_its_records(client: httpx.Client, redis: Re
     assert redis.zscore("rq:finished:runq.echo", task["id"]) is None
 
 
+def test_another_rq_apps_job_is_not_a_task_and_is_left_alone(
+    client: httpx.Client, redis: Redis
+) -> None:
+    theirs = Queue("other-app", connection=redis)
+    job = theirs.enqueue("os.getcwd")
+    before = redis.hgetall(job.key)
+    try:
+        for response in (
+            client.get(f"/v1/tasks/{job.id}"),
+            client.get(f"/v1/tasks/{job.id}/result"),
+            client.get(f"/v1/tasks/{job.id}/result?wait=0.2"),
+            client.post(f"/v1/tasks/{job.id}/cancel"),
+            client.delete(f"/v1/tasks/{job.id}"),
+        ):
+            assert response.status_code == 404, response.text
+            assert response.json()["error"]["code"] == "not_found"
+        assert redis.hgetall(job.key) == before
+        assert theirs.job_ids == [job.id]
+    finally:
+        theirs.empty()
+
+
 # Far below the waits below (30 s): a waiter answers when its task goes, not at its timeout.
 GONE_WITHIN_S = 3
 
