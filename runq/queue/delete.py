@@ -7,11 +7,13 @@ import redis.asyncio as aioredis
 from runq.queue import constants, lua
 
 # KEYS[1] job hash, KEYS[2] queue list, KEYS[3] results stream, KEYS[4] the job's executions,
-# KEYS[5] started, KEYS[6] finished, KEYS[7] failed, KEYS[8] canceled registry
+# KEYS[5] started, KEYS[6] finished, KEYS[7] failed, KEYS[8] canceled registry,
+# KEYS[9] the task's webhook delivery, KEYS[10] the webhook due set
 # ARGV[1] task id, ARGV[2] the task's channel
 # Returns 1 when deleted, 0 when there was no such task. Waiters hear the bare task id on the
 # task's channel and on its reply channel, re-read it, find nothing and answer 404 at once
-# instead of at their timeout.
+# instead of at their timeout. A webhook delivery not yet sent goes with the task: a deleted
+# task is never announced (one a sender holds at this moment may still go out, once).
 DELETE = lua.script(
     """
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -28,10 +30,11 @@ if idempotency then
   redis.call('DEL', idempotency)
 end
 local reply_to = redis.call('HGET', KEYS[1], REPLY_TO)
-redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[9])
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('ZREM', KEYS[7], ARGV[1])
 redis.call('ZREM', KEYS[8], ARGV[1])
+redis.call('ZREM', KEYS[10], ARGV[1])
 redis.call('PUBLISH', ARGV[2], ARGV[1])
 if reply_to then
   redis.call('PUBLISH', reply_to, ARGV[1])
@@ -59,6 +62,8 @@ class Delete:
                 constants.finished_registry_key(queue),
                 constants.failed_registry_key(queue),
                 constants.canceled_registry_key(queue),
+                constants.webhook_key(task_id),
+                constants.WEBHOOKS_DUE_KEY,
             ],
             args=[task_id, constants.task_channel(task_id)],
         )

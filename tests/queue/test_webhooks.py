@@ -3,11 +3,15 @@ under a lease so that one delivery is never sent twice at once."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+import redis.asyncio as aioredis
 from redis import Redis
 
 from runq.queue import constants
+from runq.queue.delete import Delete
+from runq.queue.webhooks import DeliveryQueue
 from tests.helpers import PUBLIC, Receiver, delivered, fast_sender, submit, wait_until
 
 
@@ -32,3 +36,17 @@ def test_two_senders_never_send_one_delivery_at_once(store: Redis, receiver: Rec
         for sender in senders:
             sender.stop()
     assert len(receiver.requests) == 1
+
+
+def test_deleting_a_task_purges_its_pending_delivery(store: Redis, valkey_url: str) -> None:
+    submit(store, "t-deleted", PUBLIC)
+
+    async def delete() -> bool:
+        async with aioredis.Redis.from_url(valkey_url, db=13) as redis:
+            return await Delete(redis)("t-deleted", "runq.hooked")
+
+    assert asyncio.run(delete())
+    assert not store.exists(constants.webhook_key("t-deleted"))
+    assert store.zscore(constants.WEBHOOKS_DUE_KEY, "t-deleted") is None
+    # No sender can ever take it: nothing is due.
+    assert DeliveryQueue(store).claim(constants.WEBHOOK_LEASE_S, 10) == []
