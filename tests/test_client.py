@@ -344,7 +344,6 @@ def test_submit_retries_through_a_gateway_restart_without_duplicates(
     thread, outcome = in_background(
         lambda client: client.submit("parked", value),
         base_url=own_gateway.url,
-        retries=50,
         backoff_max_s=0.3,
         deadline_s=30,
         transport=transport,
@@ -380,7 +379,6 @@ def test_predict_retries_through_a_gateway_crash_and_runs_once(
     thread, outcome = in_background(
         lambda client: client.predict("parked", value, timeout=20),
         base_url=own_gateway.url,
-        retries=50,
         backoff_max_s=0.3,
         transport=transport,
     )
@@ -482,7 +480,7 @@ def test_async_submit_retries_through_a_gateway_restart(
 
     async def main() -> Task:
         async with runq.AsyncClient(
-            own_gateway.url, retries=50, backoff_max_s=0.3, deadline_s=30, transport=transport
+            own_gateway.url, backoff_max_s=0.3, deadline_s=30, transport=transport
         ) as client:
             pending = asyncio.create_task(client.submit("parked", unique("async restart")))
             await asyncio.sleep(1)
