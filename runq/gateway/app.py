@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
+from fastapi_offline import FastAPIOffline
 from redis import Redis
 from redis.exceptions import RedisError
 
@@ -77,13 +78,17 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
             await waiter.stop()
             await redis.aclose()
 
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI, ReDoc and the favicon from the gateway itself (the package
+    # ships them), not from a CDN: docs that work on a machine with no internet.
+    app = FastAPIOffline(
         title="runq",
         summary="Serverless function-style model serving on a Redis/Valkey queue",
         lifespan=lifespan,
         # A body with no content type is read as JSON; one that names another type gets a 415.
         strict_content_type=False,
         telemetry=_telemetry(settings),
+        # Swagger UI would send the schema to an outside validator for its badge.
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
     app.state.served = served

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -606,3 +607,24 @@ def test_openapi_documents_each_function_schema(client: httpx.Client) -> None:
     point_ref = spec["components"]["schemas"][ref]["properties"]["input"]["$ref"]
     assert point_ref.endswith("/Point")
     assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("page", "renders"), [("/docs", "SwaggerUIBundle"), ("/redoc", "<redoc spec-url")]
+)
+def test_docs_pages_load_every_asset_from_the_gateway(
+    client: httpx.Client, page: str, renders: str
+) -> None:
+    """A machine with no internet gets working /docs and /redoc: no asset from a CDN."""
+    html = client.get(page).text
+    assert renders in html
+    assert not re.findall(r"(?:https?:)?//[\w.-]+", html), "an outside host"
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+    answers = [client.get(asset) for asset in assets]
+    assert [answer.status_code for answer in answers] == [200] * len(assets), assets
+    types = {answer.headers["content-type"].split(";")[0] for answer in answers}
+    assert types == (
+        {"text/javascript", "text/css", "image/png"}
+        if page == "/docs"
+        else {"text/javascript", "image/png"}
+    )
