@@ -18,9 +18,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, get_args
 
 from runq import logs
 from runq.errors import ConfigError, RunqError
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runq", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"runq {version('runq')}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def command(
@@ -68,7 +70,14 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("target", help="path/to/file.py, module or module:attr")
         sub.add_argument("--config", type=Path, help="YAML settings file (or RUNQ_CONFIG)")
         sub.add_argument("--redis-url", help="Redis/Valkey URL (or RUNQ_REDIS_URL)")
-        sub.add_argument("--log-format", choices=["text", "json"], help="log lines (default text)")
+        sub.add_argument(
+            "--log-format", choices=_choices("log_format"), help="log lines (default text)"
+        )
+        sub.add_argument(
+            "--log-level",
+            choices=_choices("log_level"),
+            help="least severe level logged (default info)",
+        )
         return sub
 
     for name, handler, help_text in (
@@ -108,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _choices(setting: str) -> tuple[str, ...]:
+    return get_args(Settings.model_fields[setting].annotation)
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(cli=_cli_layer(args), config_file=args.config)
     logs.configure(settings.log_level, settings.log_format)
@@ -124,6 +137,7 @@ def _cli_layer(args: argparse.Namespace) -> dict[str, Any]:
         "ssl_certfile": getattr(args, "ssl_certfile", None),
         "ssl_keyfile": getattr(args, "ssl_keyfile", None),
         "log_format": args.log_format,
+        "log_level": args.log_level,
         "metrics_port": getattr(args, "metrics_port", None),
     }
 

@@ -7,11 +7,13 @@ import re
 import signal
 import threading
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
 import pytest
 
+from runq.cli import main
 from tests.helpers import (
     FNS,
     ROOT,
@@ -149,3 +151,25 @@ def test_unknown_setting_stops_the_start(tmp_path: Path) -> None:
     result = run_runq("serve", FNS, "--config", str(config))
     assert result.returncode == 2
     assert "max_batch" in result.stderr and "max_batch_size" in result.stderr
+
+
+def test_version_prints_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"runq {version('runq')}\n"
+
+
+@pytest.mark.parametrize(
+    "command", ["serve", "gateway", "worker", "autoscale", "status", "config", "deploy"]
+)
+def test_every_command_takes_log_level(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "--log-level {debug,info,warning,error}" in capsys.readouterr().out
+
+
+def test_log_level_flag_sets_the_level() -> None:
+    result = run_runq("config", "show", FNS, "--log-level", "debug")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r'^log_level +"debug" +flag --log-level$', result.stdout, re.M)
