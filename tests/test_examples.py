@@ -9,6 +9,7 @@ import httpx
 from redis import Redis
 
 from tests.helpers import ROOT, Proc, start_gateway, start_worker
+from tests.test_logs import json_lines
 
 EMBED = str(ROOT / "examples" / "embed.py")
 
@@ -23,7 +24,7 @@ def test_embed_example_answers_unit_vectors_that_carry_meaning(
     url = start_gateway(procs, target=EMBED)
     with Redis.from_url(valkey_url) as redis:
         # Loading torch and the model takes a while on a small CI machine.
-        start_worker(procs, redis, "embed", target=EMBED)
+        worker = start_worker(procs, redis, "embed", target=EMBED, env={"RUNQ_LOG_FORMAT": "json"})
     sentences = [
         "A cat is sleeping on the sofa.",
         "A kitten naps on the couch.",
@@ -41,3 +42,6 @@ def test_embed_example_answers_unit_vectors_that_carry_meaning(
     assert all(math.isclose(math.hypot(*v), 1.0, abs_tol=1e-3) for v in vectors)
     _, cat, kitten, rates = vectors
     assert cosine(cat, kitten) > cosine(cat, rates) + 0.3
+    # A collector takes the worker's log as it is: no progress bars, no stray output.
+    assert worker.stop() == 0
+    assert any(entry["logger"] == "runq.worker" for entry in json_lines(worker))

@@ -31,15 +31,15 @@ def error_response(error: RunqError) -> JSONResponse:
 
 async def _runq_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RunqError)
+    task_id = exc.details.get("task_id")
+    if task_id is not None:
+        notes(request).task_id = str(task_id)
     if isinstance(exc, QueueFull | Overloaded):
         # Shedding load is the gateway working as configured: counted, and not logged beyond
         # the request's own line, which would cost most when the gateway is busiest.
         notes(request).rejection = exc.code
     elif exc.status_code >= 500:
-        logger.warning("%s: %s", exc.code, exc.message)
-    task_id = exc.details.get("task_id")
-    if task_id is not None:
-        notes(request).task_id = str(task_id)
+        logger.warning("%s: %s", exc.code, exc.message, extra=_logged(request))
     return error_response(exc)
 
 
@@ -71,19 +71,24 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _redis_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
     # Redis down or restarting is an outage the caller should retry, not a bug in runq.
-    logger.warning("queue store unreachable: %s", exc)
+    logger.warning("queue store unreachable: %s", exc, extra=_logged(request))
     return error_response(Unavailable("the queue store is unreachable; retry shortly"))
 
 
-async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # The log keeps the traceback; the body never does.
-    logger.error("unhandled error", exc_info=exc)
+    logger.error("unhandled error", exc_info=exc, extra=_logged(request))
     return JSONResponse(
         {"error": {"code": ErrorCode.INTERNAL, "message": "internal error; see the gateway log"}},
         status_code=500,
     )
+
+
+def _logged(request: Request) -> dict[str, str | None]:
+    noted = notes(request)
+    return {"request_id": noted.request_id, "task_id": noted.task_id}
 
 
 _HANDLERS: dict[type[Exception], Callable[[Request, Exception], Awaitable[Response]]] = {

@@ -4,12 +4,18 @@ Only the routes of served functions and of tasks are measured, labelled by funct
 endpoint; any other path (docs, health, a 404 for an unknown function) is passed through
 unmeasured, so no caller can mint label values. Routes add what only they know (the task id,
 the function of a task route, why a request was refused) to the request's ``notes``.
+
+Every request has an id, the caller's ``X-Request-ID`` if it is a plausible one, else one made
+here; it is echoed in the answer's ``X-Request-ID`` and written on the request's log lines, so
+a caller's report and the gateway's log meet.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
+import secrets
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -25,11 +31,17 @@ logger = logging.getLogger("runq.access")
 # Where a request's notes live in its ASGI scope's state.
 _NOTES = "runq_notes"
 
+REQUEST_ID_HEADER = b"x-request-id"
+# A caller's id is taken as it is only if it cannot forge or flood a log line: short, and of
+# the characters ids (UUIDs, trace ids, ...) are made of.
+_PLAUSIBLE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
 
 @dataclass
 class RequestNotes:
-    """What only the route knows of a request, for its log line and metrics."""
+    """What the headers and the route tell of a request, for its log lines and metrics."""
 
+    request_id: str = ""
     task_id: str | None = None
     # A task route's function, known once the task has been read.
     function: str | None = None
@@ -38,7 +50,7 @@ class RequestNotes:
 
 
 def notes(request: Request) -> RequestNotes:
-    """The request's notes (a throwaway for a request that is not measured)."""
+    """The request's notes (set by RequestMetrics on every HTTP request)."""
     state = request.scope.setdefault("state", {})
     found: RequestNotes = state.setdefault(_NOTES, RequestNotes())
     return found
@@ -69,21 +81,27 @@ class RequestMetrics:
         self.functions = frozenset(functions)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = classify(scope.get("method", ""), scope.get("path", ""), self.functions)
-        if scope["type"] != "http" or route is None:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        function, endpoint = route
-        noted = RequestNotes()
+        request_id = _request_id(scope)
+        noted = RequestNotes(request_id.decode())
         scope.setdefault("state", {})[_NOTES] = noted
         status = 500
-        started = time.perf_counter()
 
         async def observed_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (REQUEST_ID_HEADER, request_id)]
             await send(message)
+
+        route = classify(scope["method"], scope["path"], self.functions)
+        if route is None:
+            await self.app(scope, receive, observed_send)
+            return
+        function, endpoint = route
+        started = time.perf_counter()
 
         in_progress = _in_progress(function, endpoint)
         in_progress.inc()
@@ -93,6 +111,15 @@ class RequestMetrics:
             in_progress.dec()
             function = function or noted.function or ""
             _observe(scope, noted, function, endpoint, status, time.perf_counter() - started)
+
+
+def _request_id(scope: Scope) -> bytes:
+    for name, value in scope["headers"]:
+        if name == REQUEST_ID_HEADER:
+            if _PLAUSIBLE_ID.fullmatch(value):
+                return bytes(value)
+            break
+    return secrets.token_hex(16).encode()
 
 
 # A metric's child per label values, looked up once: prometheus-client's labels() takes a lock
@@ -121,13 +148,17 @@ def _observe(
     _duration(function, endpoint, status).observe(elapsed_s)
     task_id = noted.task_id
     logger.info(
-        "%s %s %d %.1f ms%s",
+        "%s %s %d %.1f ms%s request %s",
         scope["method"],
         scope["path"],
         status,
         elapsed_s * 1000,
         f" task {task_id}" if task_id else "",
+        noted.request_id,
         extra={
+            "method": scope["method"],
+            "path": scope["path"],
+            "request_id": noted.request_id,
             "function": function,
             "endpoint": endpoint,
             "status": status,

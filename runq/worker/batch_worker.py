@@ -283,7 +283,9 @@ class BatchWorker(SimpleWorker):
                 outcomes[i] = failure(ErrorCode.STORAGE_UNAVAILABLE, exc.message)
         try:
             with _time_limit(limit_s):
-                ran = self.runner.run([payload for _, payload in loaded])
+                ran = self.runner.run(
+                    [payload for _, payload in loaded], [running[i].task_id for i, _ in loaded]
+                )
         except BatchTimeout:
             logger.warning("worker %s: batch of %d stopped: %s", self.name, len(running), why)
             return [failure(ErrorCode.TIMED_OUT, why)] * len(running)

@@ -26,6 +26,11 @@ def runner(function: Function) -> ModelRunner:
     return model
 
 
+def tasks(payloads: list[Any]) -> tuple[list[Any], list[str]]:
+    """The payloads, and task ids for them."""
+    return payloads, [f"task-{i}" for i in range(len(payloads))]
+
+
 def outputs(outcomes: list[Outcome]) -> list[Any]:
     assert all(o.ok for o in outcomes), outcomes
     return [o.output for o in outcomes]
@@ -42,7 +47,7 @@ def test_batch_runs_once_and_answers_each_input_in_order() -> None:
         calls.append(values)
         return [v * v for v in values]
 
-    assert outputs(runner(square).run([1, "2", 3])) == [1, 4, 9]
+    assert outputs(runner(square).run(*tasks([1, "2", 3]))) == [1, 4, 9]
     assert calls == [[1, 2, 3]]  # one call, inputs validated into the declared type
 
 
@@ -51,7 +56,7 @@ def test_outputs_are_json_ready() -> None:
     def centre(points: list[Point]) -> list[Point]:
         return [Point(x=p.x / 2, y=p.y / 2) for p in points]
 
-    assert outputs(runner(centre).run([{"x": 2, "y": 4}])) == [{"x": 1.0, "y": 2.0}]
+    assert outputs(runner(centre).run(*tasks([{"x": 2, "y": 4}]))) == [{"x": 1.0, "y": 2.0}]
 
 
 def poisoned(poison: set[int], calls: list[list[int]]) -> Function:
@@ -73,7 +78,7 @@ def test_one_poison_input_fails_alone_and_its_batch_mates_get_their_outputs(
 ) -> None:
     calls: list[list[int]] = []
     with caplog.at_level(logging.WARNING, logger="runq.worker"):
-        outcomes = runner(poisoned({5}, calls)).run(list(range(16)))
+        outcomes = runner(poisoned({5}, calls)).run(*tasks(list(range(16))))
     assert [o.output for o in outcomes] == [v * v if v != 5 else None for v in range(16)]
     assert [o.ok for o in outcomes] == [v != 5 for v in range(16)]
     assert outcomes[5].error_code == "model_error"
@@ -86,13 +91,16 @@ def test_one_poison_input_fails_alone_and_its_batch_mates_get_their_outputs(
             "square raised on a batch of 16 inputs (ValueError: cannot digest 5); "
             "bisecting it to find the inputs that fail",
         ),
-        (logging.ERROR, "function raised ValueError: cannot digest 5"),
+        (logging.ERROR, "task task-5: square raised ValueError: cannot digest 5"),
     ]
+    # A collector finds the failing task by its id, and the batch the bisecting began from.
+    assert caplog.records[1].task_id == "task-5"
+    assert caplog.records[0].task_ids == [f"task-{i}" for i in range(16)]
 
 
 def test_two_poison_inputs_fail_and_only_they_fail(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="runq.worker"):
-        outcomes = runner(poisoned({2, 9}, [])).run(list(range(12)))
+        outcomes = runner(poisoned({2, 9}, [])).run(*tasks(list(range(12))))
     assert [o.output for o in outcomes] == [None if v in (2, 9) else v * v for v in range(12)]
     assert [o.error_message for o in outcomes if not o.ok] == [
         "ValueError: cannot digest 2",
@@ -105,7 +113,7 @@ def test_two_poison_inputs_fail_and_only_they_fail(caplog: pytest.LogCaptureFixt
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 16])
 def test_every_input_poison_fails_in_exactly_2n_minus_1_calls(n: int) -> None:
     calls: list[list[int]] = []
-    outcomes = runner(poisoned(set(range(n)), calls)).run(list(range(n)))
+    outcomes = runner(poisoned(set(range(n)), calls)).run(*tasks(list(range(n))))
     assert [o.error_message for o in outcomes] == [
         f"ValueError: cannot digest {v}" for v in range(n)
     ]
@@ -119,7 +127,7 @@ def test_batch_too_big_for_the_model_succeeds_after_bisection() -> None:
             raise MemoryError("out of memory")
         return [-v for v in values]
 
-    assert outputs(runner(small).run(list(range(13)))) == [-v for v in range(13)]
+    assert outputs(runner(small).run(*tasks(list(range(13))))) == [-v for v in range(13)]
 
 
 def test_batch_timeout_during_bisection_propagates() -> None:
@@ -133,7 +141,7 @@ def test_batch_timeout_during_bisection_propagates() -> None:
         raise BatchTimeout
 
     with pytest.raises(BatchTimeout):
-        runner(slow).run([1, 2, 3, 4])
+        runner(slow).run(*tasks([1, 2, 3, 4]))
     assert calls == [[1, 2, 3, 4], [1, 2]]  # stopped at the first sub-call
 
 
@@ -147,7 +155,7 @@ def test_contract_violation_in_a_sub_batch_fails_only_that_sub_batch() -> None:
             raise ValueError("batch too big")
         return [*values, 0] if 7 in values else values
 
-    outcomes = runner(extra).run(list(range(8)))
+    outcomes = runner(extra).run(*tasks(list(range(8))))
     assert [o.output for o in outcomes[:4]] == [0, 1, 2, 3]
     assert [o.error_code for o in outcomes[4:]] == ["model_error"] * 4
     assert outcomes[4].error_message == (
@@ -162,7 +170,7 @@ def test_wrong_number_of_outputs_fails_the_batch() -> None:
     def extra(values: list[int]) -> list[int]:
         return [*values, 0]
 
-    outcomes = runner(extra).run([1, 2])
+    outcomes = runner(extra).run(*tasks([1, 2]))
     assert [o.error_code for o in outcomes] == ["model_error", "model_error"]
     assert outcomes[0].error_message == (
         "extra returned 3 outputs for a batch of 2 inputs; "
@@ -176,7 +184,7 @@ def test_non_list_result_fails_the_batch(returned: Any) -> None:
     def scalar(values: list[Any]) -> list[Any]:
         return returned  # type: ignore[no-any-return]
 
-    outcomes = runner(scalar).run([1, 2])
+    outcomes = runner(scalar).run(*tasks([1, 2]))
     assert [o.error_code for o in outcomes] == ["model_error", "model_error"]
     assert outcomes[0].error_message == (
         f"scalar is batched and must return a list; it returned {type(returned).__name__}"
@@ -188,7 +196,7 @@ def test_tuple_result_is_accepted() -> None:
     def pairs(values: list[int]) -> list[int]:
         return tuple(values)  # type: ignore[return-value]
 
-    assert outputs(runner(pairs).run([1, 2])) == [1, 2]
+    assert outputs(runner(pairs).run(*tasks([1, 2]))) == [1, 2]
 
 
 def test_invalid_input_fails_only_that_task() -> None:
@@ -199,7 +207,7 @@ def test_invalid_input_fails_only_that_task() -> None:
         calls.append(points)
         return [(p.x**2 + p.y**2) ** 0.5 for p in points]
 
-    outcomes = runner(norm).run([{"x": 3, "y": 4}, {"x": "far"}, {"x": 6, "y": 8}])
+    outcomes = runner(norm).run(*tasks([{"x": 3, "y": 4}, {"x": "far"}, {"x": 6, "y": 8}]))
     assert [o.ok for o in outcomes] == [True, False, True]
     assert [outcomes[0].output, outcomes[2].output] == [5.0, 10.0]
     assert outcomes[1].error_code == "validation_error"
@@ -216,7 +224,7 @@ def test_batch_of_only_invalid_inputs_does_not_call_the_model() -> None:
         calls.append(values)
         return [v * v for v in values]
 
-    outcomes = runner(square).run(["one", "two"])
+    outcomes = runner(square).run(*tasks(["one", "two"]))
     assert [o.error_code for o in outcomes] == ["validation_error", "validation_error"]
     assert calls == []
 
@@ -226,7 +234,7 @@ def test_output_that_does_not_serialize_fails_the_task() -> None:
     def leaky(values: list[int]) -> list[Any]:
         return [v if v else object() for v in values]
 
-    outcomes = runner(leaky).run([1, 0])
+    outcomes = runner(leaky).run(*tasks([1, 0]))
     assert outcomes[0].output == 1
     assert outcomes[1].error_code == "invalid_output"
     assert "leaky returned an output that cannot be sent as JSON" in outcomes[1].error_message
@@ -244,10 +252,10 @@ def test_a_model_that_raises_a_base_exception_fails_its_tasks_and_the_runner_goe
         return values
 
     model = runner(quits)
-    (outcome,) = model.run([0])
+    (outcome,) = model.run(*tasks([0]))
     assert outcome.error_code == "model_error"
     assert outcome.error_message.startswith(type(raised).__name__)
-    assert outputs(model.run([1])) == [1]
+    assert outputs(model.run(*tasks([1]))) == [1]
 
 
 def test_class_model_keeps_state_across_batches() -> None:
@@ -261,8 +269,8 @@ def test_class_model_keeps_state_across_batches() -> None:
             return [self.batches for _ in values]
 
     model = runner(Counter)
-    assert outputs(model.run([0, 0])) == [1, 1]
-    assert outputs(model.run([0])) == [2]
+    assert outputs(model.run(*tasks([0, 0]))) == [1, 1]
+    assert outputs(model.run(*tasks([0]))) == [2]
 
 
 def test_run_before_setup_fails_the_tasks() -> None:
@@ -270,7 +278,7 @@ def test_run_before_setup_fails_the_tasks() -> None:
     def echo(values: list[int]) -> list[int]:
         return values
 
-    outcomes = ModelRunner(echo).run([1])
+    outcomes = ModelRunner(echo).run(*tasks([1]))
     assert outcomes[0].error_code == "model_error"
     assert "setup() must run before run()" in outcomes[0].error_message
 
@@ -286,7 +294,7 @@ def test_unbatched_function_is_called_per_input() -> None:
         calls.append(value)
         return value * 2
 
-    assert outputs(runner(double).run([1, "2", 3])) == [2, 4, 6]
+    assert outputs(runner(double).run(*tasks([1, "2", 3]))) == [2, 4, 6]
     assert calls == [1, 2, 3]
 
 
@@ -297,7 +305,7 @@ def test_unbatched_failure_fails_only_its_input() -> None:
             raise ZeroDivisionError("0 has no inverse")
         return 1 / value
 
-    outcomes = runner(inverse).run([2, 0, "x", 4])
+    outcomes = runner(inverse).run(*tasks([2, 0, "x", 4]))
     assert [o.output for o in outcomes] == [0.5, None, None, 0.25]
     assert [o.error_code for o in outcomes] == [
         None,
@@ -319,7 +327,7 @@ def test_batch_timeout_is_not_taken_for_a_model_error(batch: bool) -> None:
         raise BatchTimeout
 
     with pytest.raises(BatchTimeout):
-        runner(runq.function(batch=batch)(stuck)).run([1, 2])
+        runner(runq.function(batch=batch)(stuck)).run(*tasks([1, 2]))
 
 
 def test_time_limit_stops_a_model_that_runs_past_it() -> None:
@@ -333,6 +341,6 @@ def test_time_limit_stops_a_model_that_runs_past_it() -> None:
 
     model = runner(sleepy)
     with pytest.raises(BatchTimeout), _time_limit(0.05):
-        model.run([30, 30])
+        model.run(*tasks([30, 30]))
     assert ran_on == [30]  # stopped inside the first call, the second never started
-    assert outputs(model.run([0])) == [0]  # the limit is gone once the batch is over
+    assert outputs(model.run(*tasks([0]))) == [0]  # the limit is gone once the batch is over
