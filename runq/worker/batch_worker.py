@@ -294,10 +294,10 @@ class BatchWorker(SimpleWorker):
         return [outcome for outcome in outcomes if outcome is not None]
 
     def _told(self, task: Running, outcome: Outcome) -> Outcome:
-        """A model error as far as the function lets its callers see it (expose_errors)."""
+        """A model error as far as the function lets its callers see it (expose_errors); the
+        runner has logged it in full under the task id."""
         if outcome.error_code != ErrorCode.MODEL_ERROR or self.settings.expose_errors:
             return outcome
-        logger.error("task %s: %s", task.task_id, outcome.error_message)
         return dataclasses.replace(
             outcome, error_message=HIDDEN_MODEL_ERROR.format(task_id=task.task_id)
         )

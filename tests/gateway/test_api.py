@@ -213,7 +213,8 @@ def test_expose_errors_off_answers_a_generic_message_and_logs_the_detail(
         assert "postgres" not in read
         wait_until(
             lambda: (
-                f"task {error['task_id']}: ValueError: cannot reach postgres" in worker.output()
+                f"task {error['task_id']}: secretive raised ValueError: cannot reach postgres"
+                in worker.output()
             ),
             10,
             "the detail in the worker log",
