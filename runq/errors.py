@@ -28,6 +28,8 @@ class ErrorCode(StrEnum):
     STORAGE_UNAVAILABLE = "storage_unavailable"
     CONNECTION_FAILED = "connection_failed"
     TIMEOUT = "timeout"
+    # Only in the gateway's log and metrics: the caller closed its connection while it waited.
+    CLIENT_CLOSED_REQUEST = "client_closed_request"
     # Only in an ended task's error: why it ended without an output.
     TIMED_OUT = "timed_out"
     CANCELED = "canceled"
@@ -178,6 +180,16 @@ class ConnectionFailed(Unavailable):
 class Timeout(RunqError):
     status_code = 504
     code = ErrorCode.TIMEOUT
+
+
+class ClientClosedRequest(RunqError):
+    """The caller hung up while its request waited; nobody reads the answer.
+
+    499 is nginx's status for it: the request's log line and metrics tell it from a timeout.
+    """
+
+    status_code = 499
+    code = ErrorCode.CLIENT_CLOSED_REQUEST
 
 
 class StorageError(Unavailable):

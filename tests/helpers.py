@@ -102,6 +102,25 @@ def queued(redis: Redis, function: str) -> int:
     return sum(redis.llen(f"rq:queue:runq.{function}{s}") for s in PRIORITY_SUFFIXES)
 
 
+def hanging_request(url: str, request: bytes) -> socket.socket:
+    """A connection that has sent ``request`` (whole or a part) and never reads its answer:
+    closing it is a caller hanging up."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(request)
+    return sock
+
+
+def http_request(method: str, path: str, body: object = None, **headers: str) -> bytes:
+    """An HTTP/1.1 request's bytes; a JSON body if ``body`` is given."""
+    content = b"" if body is None else json.dumps(body).encode()
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(content)}"]
+    return "\r\n".join([*lines, "", ""]).encode() + content
+
+
 def run_runq(
     *args: str, env: dict[str, str] | None = None, timeout_s: float = 60
 ) -> subprocess.CompletedProcess[str]:

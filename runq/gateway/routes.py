@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 
 from runq import webhooks
 from runq.errors import (
+    ClientClosedRequest,
     Conflict,
     ErrorCode,
     InvalidOutput,
@@ -34,6 +35,7 @@ from runq.errors import (
     WorkerLost,
 )
 from runq.functions import Function
+from runq.gateway.hangup import HangUp
 from runq.gateway.lean import (
     IDEMPOTENCY_KEY_DOC,
     IDEMPOTENCY_KEY_MAX_CHARS,
@@ -254,7 +256,7 @@ async def predict_task(
     )
     with _inflight(request).hold():
         admitted, task = await _admit_and_wait(
-            store, waiter, entry, _payload(entry, body), admission, wait_s
+            store, waiter, entry, _payload(entry, body), admission, wait_s, HangUp(request.receive)
         )
     notes(request).task_id = admitted.task_id
     return await _predict_answer(store, admitted, task, wait_s, poll=poll)
@@ -328,6 +330,7 @@ async def _admit_and_wait(
     payload: Any,
     admission: Admission,
     wait_s: float,
+    hang_up: HangUp,
 ) -> tuple[Admitted, Ended | None]:
     task_id = new_task_id()
     # Listen before enqueueing, so a task that ends at once is not missed.
@@ -342,8 +345,22 @@ async def _admit_and_wait(
     if admitted.replayed:
         # The key's task answers on its first caller's reply channel, maybe on another gateway.
         waiter.forget(task_id, future)
-        return admitted, await waiter.wait_any(admitted.task_id, wait_s)
-    return admitted, await waiter.wait(task_id, future, wait_s)
+        return admitted, await waiter.wait_any(admitted.task_id, wait_s, hang_up)
+    try:
+        return admitted, await waiter.wait(task_id, future, wait_s, hang_up)
+    except ClientClosedRequest:
+        # Nobody waits for the output any more: a task not started yet is withdrawn, one
+        # that runs goes on and its result can be read.
+        withdrawn = await _withdraw(
+            store,
+            task_id,
+            constants.queue_name(entry.function.name, admission.priority),
+            error_json(ErrorCode.CANCELED, "predict's caller hung up before it started"),
+        )
+        fate = "it never started and was withdrawn" if withdrawn else "it goes on running"
+        raise ClientClosedRequest(
+            f"the caller of task {task_id} hung up; {fate}", task_id=task_id
+        ) from None
 
 
 async def _predict_answer(
@@ -397,18 +414,22 @@ async def _give_up(
     if admitted.replayed:
         # The key's first caller owns the task; a replay only stops waiting for it.
         return message
-    before = await store.cancel(
+    withdrawn = await _withdraw(
+        store,
         task_id,
         constants.queue_name(task["function"], task["priority"]),
-        which="queued",
         # The same end as a deadline that passes in the queue: nobody waits for an answer now.
-        error=error_json(
-            ErrorCode.TIMED_OUT, f"predict timed out after {wait_s} s before it started"
-        ),
+        error_json(ErrorCode.TIMED_OUT, f"predict timed out after {wait_s} s before it started"),
     )
-    if before == "queued":
+    if withdrawn:
         return message + "; it never started and was withdrawn"
     return message + "; it is still running"
+
+
+async def _withdraw(store: TaskStore, task_id: str, queue: str, error: str) -> bool:
+    """Ends a predict's task that has not started yet; False if it had."""
+    before = await store.cancel(task_id, queue, which="queued", error=error)
+    return before == "queued"
 
 
 def _replayed(response: Response, admitted: Admitted) -> Response:
@@ -500,7 +521,7 @@ async def task_result(
     wait_s = _checked_timeout(wait, None, settings, "wait")
     if wait_s > 0:
         with _inflight(request).hold():
-            ended = await _waiter(request).wait_any(task_id, wait_s)
+            ended = await _waiter(request).wait_any(task_id, wait_s, HangUp(request.receive))
         if ended is None:
             raise NotFound(f"no task {task_id}")
         task = ended.task() if isinstance(ended, Answer) else ended

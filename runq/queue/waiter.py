@@ -16,7 +16,7 @@ import contextlib
 import logging
 import uuid
 from collections import defaultdict
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
@@ -30,6 +30,14 @@ from runq.queue.tasks import TERMINAL
 logger = logging.getLogger("runq.waiter")
 
 RECONNECT_DELAY_S = 0.5
+
+
+class Interruption(Protocol):
+    """What may end a wait before its time by settling its future (the caller hung up)."""
+
+    def arm(self, future: asyncio.Future[Any]) -> None: ...
+
+    def disarm(self) -> None: ...
 
 
 class TaskWaiter:
@@ -84,24 +92,35 @@ class TaskWaiter:
                 del self._waiting[task_id]
 
     async def wait(
-        self, task_id: str, future: asyncio.Future[Ended], timeout_s: float
+        self,
+        task_id: str,
+        future: asyncio.Future[Ended],
+        timeout_s: float,
+        interruption: Interruption | None = None,
     ) -> Ended | None:
-        """The ended task, or its latest state at the timeout (None if it no longer exists)."""
+        """The ended task, or its latest state at the timeout (None if it no longer exists);
+        raises what ``interruption`` settles the future with."""
         # A timer that ends the wait with a marker costs less than asyncio.wait or wait_for
         # (a waiter future and callbacks, or a task) on predict's hottest await.
         timer = asyncio.get_running_loop().call_later(timeout_s, _expire, future)
         self._admitted[task_id] += 1
+        if interruption is not None:
+            interruption.arm(future)
         try:
             task = await future
         finally:
             timer.cancel()
+            if interruption is not None:
+                interruption.disarm()
             self.forget(task_id, future)
             self._unadmit(task_id)
         if task is not _EXPIRED:
             return task
         return await self._store.read(task_id, with_output=True)
 
-    async def wait_any(self, task_id: str, timeout_s: float) -> Ended | None:
+    async def wait_any(
+        self, task_id: str, timeout_s: float, interruption: Interruption | None = None
+    ) -> Ended | None:
         """Long-poll a task whatever gateway submitted it, through its own channel."""
         channel = constants.task_channel(task_id)
         future = self.expect(task_id)
@@ -112,7 +131,7 @@ class TaskWaiter:
             if task is None or task["status"] in TERMINAL or timeout_s <= 0:
                 self.forget(task_id, future)
                 return task
-            return await self.wait(task_id, future, timeout_s)
+            return await self.wait(task_id, future, timeout_s, interruption)
         finally:
             self.forget(task_id, future)
             await self._unsubscribe(channel)

@@ -17,11 +17,14 @@ import pytest
 from redis import Redis
 from rq import Queue
 
+from runq.queue import constants
 from tests.fns import CALLS_KEY, PEAK_KEY, RUNNING_KEY
 from tests.helpers import (
     GATEWAY_ENV,
     Proc,
     clear_function,
+    hanging_request,
+    http_request,
     queued,
     start_gateway,
     start_worker,
@@ -163,11 +166,15 @@ def test_a_killed_workers_concurrency_slot_lapses(
 # gateway protection ---------------------------------------------------------------------------
 
 
-def test_over_max_inflight_is_503_overloaded_at_once(
-    procs: Callable[..., Proc], redis: Redis
-) -> None:
+@pytest.fixture(scope="module")
+def narrow(procs: Callable[..., Proc]) -> str:
+    """A gateway process that holds at most two waiting requests."""
+    return start_gateway(procs, env={**GATEWAY_ENV, "RUNQ_MAX_INFLIGHT": "2"})
+
+
+def test_over_max_inflight_is_503_overloaded_at_once(narrow: str, redis: Redis) -> None:
     clear_function(redis, "parked")
-    url = start_gateway(procs, env={**GATEWAY_ENV, "RUNQ_MAX_INFLIGHT": "2"})
+    url = narrow
     waiting = [
         threading.Thread(
             target=httpx.post,
@@ -194,6 +201,65 @@ def test_over_max_inflight_is_503_overloaded_at_once(
         == 504
     )
     clear_function(redis, "parked")
+
+
+def test_waiters_that_hang_up_free_their_max_inflight_slots_at_once(
+    narrow: str, redis: Redis
+) -> None:
+    clear_function(redis, "parked")
+    task = httpx.post(f"{narrow}/v1/functions/parked/tasks", json={"input": 1}).json()
+    result = f"/v1/tasks/{task['id']}/result"
+    waiters = [hanging_request(narrow, http_request("GET", f"{result}?wait=20")) for _ in range(2)]
+
+    def probe() -> int:
+        return httpx.get(f"{narrow}{result}?wait=0.01").status_code
+
+    wait_until(lambda: probe() == 503, what="both waiters to hold a slot")
+    for sock in waiters:
+        sock.close()
+    # Not the 20 s the waiters asked for.
+    wait_until(lambda: probe() == 202, 2, "a new caller to be served")
+    clear_function(redis, "parked")
+
+
+def test_a_predict_whose_caller_hangs_up_before_it_starts_is_withdrawn(
+    client: httpx.Client, gateway: str, redis: Redis
+) -> None:
+    clear_function(redis, "parked")
+    predict = http_request("POST", "/v1/functions/parked/predict?timeout=20", {"input": "gone"})
+    sock = hanging_request(gateway, predict)
+    wait_until(lambda: queued(redis, "parked") == 1, what="the predict's task to be queued")
+    (task_id,) = redis.lrange(constants.queue_key(constants.queue_name("parked")), 0, -1)
+    sock.close()
+    url = f"/v1/tasks/{task_id.decode()}"
+    task = wait_until(
+        lambda: (t := client.get(url).json())["status"] == "canceled" and t,
+        2,
+        "the task to be withdrawn",
+    )
+    assert "hung up before it started" in task["error"]["message"]
+    assert task["started_at"] is None
+    assert queued(redis, "parked") == 0
+
+
+def test_a_running_predict_whose_caller_hangs_up_goes_on(
+    client: httpx.Client, gateway: str, redis: Redis
+) -> None:
+    key = f"hang-up-{time.monotonic()}"
+    body = {"input": 0.8}
+    predict = http_request(
+        "POST", "/v1/functions/sleepy/predict?timeout=20", body, Idempotency_Key=key
+    )
+    sock = hanging_request(gateway, predict)
+    running = constants.started_registry_key(constants.queue_name("sleepy"))
+    wait_until(lambda: redis.zcard(running) > 0, what="the predict's task to start")
+    # The key's task, which the caller cannot be told of any more.
+    replay = client.post("/v1/functions/sleepy/tasks", json=body, headers={"Idempotency-Key": key})
+    assert replay.headers["idempotent-replayed"] == "true"
+    sock.close()
+    done = client.get(f"/v1/tasks/{replay.json()['id']}/result?wait=10")
+    assert done.status_code == 200
+    assert done.json()["output"] == 0.8
 
 
 # deadlines and polling ------------------------------------------------------------------------
