@@ -200,8 +200,12 @@ def _checked(settings: Settings, functions: dict[str, Function]) -> None:
 def _gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from runq.gateway import connections
+
     settings, _functions = _configured(args)
     _redis_url(settings, "gateway")
+    # Inherited by uvicorn's worker processes.
+    connections.raise_open_files_limit(settings.max_connections)
     # uvicorn's worker processes and reloader build the app from the environment.
     os.environ.update(settings_to_env(settings))
     os.environ[ENV_TARGET] = args.target
@@ -213,6 +217,7 @@ def _gateway(args: argparse.Namespace) -> int:
             port=settings.port,
             workers=settings.api_workers if not args.reload else None,
             backlog=settings.backlog,
+            http=connections.PROTOCOL,
             ssl_certfile=settings.ssl_certfile,
             ssl_keyfile=settings.ssl_keyfile,
             log_level=settings.log_level,

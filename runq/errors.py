@@ -18,6 +18,7 @@ class ErrorCode(StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     CONFLICT = "conflict"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    HEADERS_TOO_LARGE = "headers_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     VALIDATION_ERROR = "validation_error"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
@@ -103,6 +104,11 @@ class Conflict(RunqError):
 class PayloadTooLarge(RunqError):
     status_code = 413
     code = ErrorCode.PAYLOAD_TOO_LARGE
+
+
+class HeadersTooLarge(RunqError):
+    status_code = 431
+    code = ErrorCode.HEADERS_TOO_LARGE
 
 
 class UnsupportedMediaType(RunqError):

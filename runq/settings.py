@@ -152,6 +152,16 @@ class Settings(StrictNumbers):
     max_body_bytes: int = Field(1024 * 1024, ge=1)
     # Requests one gateway process holds while they wait (predict, result?wait=); over it, 503.
     max_inflight: int = Field(1024, ge=1)
+    # A request line and headers past this get 431: the HTTP parser buffers them whole, so
+    # without a bound one caller can grow the gateway by whatever it sends.
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    # A connection that has not sent its request's headers this long after it opened (or after
+    # its previous answer) is closed: else half-open connections hold sockets forever.
+    header_timeout_s: float = Field(10.0, gt=0)
+    # Open connections per gateway process. Past it, the connection idle the longest (no
+    # request under way) is closed to make room; only when every one has a request under way
+    # is the newcomer answered 503. Sockets past the file-descriptor limit would be reset.
+    max_connections: int = Field(4096, ge=1)
     idempotency_ttl_s: int = Field(24 * 3600, ge=1)
     # Queued tasks with no live worker for longer than this are reported stranded: by then a
     # cold start should have brought one up.

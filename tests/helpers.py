@@ -8,10 +8,12 @@ Fixtures live in tests/conftest.py; everything else a test module imports comes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
 import pty
+import resource
 import signal
 import socket
 import ssl
@@ -20,7 +22,7 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,18 @@ def hanging_request(url: str, request: bytes) -> socket.socket:
     sock = socket.create_connection((host, int(port)))
     sock.sendall(request)
     return sock
+
+
+@contextlib.contextmanager
+def open_files_limit(soft: int) -> Iterator[None]:
+    """This process's soft limit on open files set to ``soft`` (processes started meanwhile
+    inherit it), then restored."""
+    before, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (before, hard))
 
 
 def http_request(method: str, path: str, body: object = None, **headers: str) -> bytes:

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from runq import logs
 from runq.errors import ConfigError
 from runq.functions import Function, load_target
-from runq.gateway import errors, routes
+from runq.gateway import connections, errors, routes
 from runq.gateway.lean import LeanPaths
 from runq.gateway.limits import BodySizeLimit, InflightLimit
 from runq.gateway.observe import RequestMetrics
@@ -140,4 +140,5 @@ def app_from_env() -> FastAPI:
         raise ConfigError(f"{ENV_TARGET} is not set")
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_format)
+    connections.configure(settings)
     return create_app(settings, load_target(target))

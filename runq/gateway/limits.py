@@ -51,10 +51,10 @@ class BodySizeLimit:
             return
         declared = _content_length(scope)
         if declared == -1:
-            await _answer(send, BadRequest("Content-Length is not a number"))
+            await send_error(send, BadRequest("Content-Length is not a number"))
             return
         if declared is not None and declared > self.max_body_bytes:
-            await _answer(send, self._too_large())
+            await send_error(send, self._too_large())
             return
 
         received = 0
@@ -69,7 +69,7 @@ class BodySizeLimit:
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     answered = True
-                    await _answer(send, self._too_large())
+                    await send_error(send, self._too_large())
                     return {"type": "http.disconnect"}
             return message
 
@@ -90,12 +90,14 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _answer(send: Send, error: RunqError) -> None:
+async def send_error(send: Send, error: RunqError) -> None:
+    """Answers ``error`` and closes the connection, whose request may not have been read."""
     body = json.dumps(error.to_body()).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"connection", b"close"),
+        *((name.lower().encode(), value.encode()) for name, value in error.headers.items()),
     ]
     await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
