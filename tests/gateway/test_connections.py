@@ -12,6 +12,7 @@ import httpx
 import pytest
 from redis import Redis
 
+from runq.gateway.connections import FD_HEADROOM, raise_open_files_limit
 from runq.queue import constants
 from tests.helpers import (
     GATEWAY_ENV,
@@ -25,8 +26,9 @@ from tests.helpers import (
 )
 
 HALF_OPEN = 2000
-# A common default soft limit on open files, below what HALF_OPEN connections need.
+# A common default soft limit on open files.
 LOW_OPEN_FILES = 1024
+# Far fewer than HALF_OPEN: the half-open connections are the ones closed to make room.
 CAP = 20
 
 
@@ -58,20 +60,33 @@ def closed_by_peer(sock: socket.socket, timeout_s: float) -> bool:
 
 
 def test_thousands_of_half_open_connections_leave_room_for_a_normal_client(
-    procs: Callable[..., Proc], sockets: list[socket.socket]
+    guarded: str, sockets: list[socket.socket]
 ) -> None:
     # The test holds its own end of every connection.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if min(soft, hard) < HALF_OPEN + 256:
+    if min(soft, hard) < HALF_OPEN + FD_HEADROOM:
         pytest.skip(f"ulimit -n is {hard}: too low to open {HALF_OPEN} connections")
-    # Started as a login shell often starts it: the gateway raises the limit it needs itself.
-    with open_files_limit(LOW_OPEN_FILES):
-        url = start_gateway(procs, env=GATEWAY_ENV)
-    sockets.extend(half_open(url) for _ in range(HALF_OPEN))
+    sockets.extend(half_open(guarded) for _ in range(HALF_OPEN))
     started = time.monotonic()
-    response = httpx.get(f"{url}/healthz", timeout=5)
+    response = httpx.get(f"{guarded}/healthz", timeout=5)
     assert time.monotonic() - started < 1
     assert response.status_code == 200
+
+
+def test_the_gateway_raises_its_open_files_limit_to_what_max_connections_needs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < LOW_OPEN_FILES + FD_HEADROOM:
+        pytest.skip(f"ulimit -n is {hard}")
+    with open_files_limit(LOW_OPEN_FILES):
+        raise_open_files_limit(LOW_OPEN_FILES)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == LOW_OPEN_FILES + FD_HEADROOM
+    if hard != resource.RLIM_INFINITY:
+        with open_files_limit(LOW_OPEN_FILES):
+            raise_open_files_limit(hard)
+            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+        assert "fewer than max_connections" in caplog.text
 
 
 def test_a_header_over_max_header_bytes_is_431(client: httpx.Client) -> None:
