@@ -73,6 +73,23 @@ def test_thousands_of_half_open_connections_leave_room_for_a_normal_client(
     assert response.status_code == 200
 
 
+def test_a_gateway_started_with_a_low_open_files_limit_serves_past_it(
+    procs: Callable[..., Proc], sockets: list[socket.socket]
+) -> None:
+    # Under max_connections (4096), so none is closed: the gateway's own limit must allow them.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if min(soft, hard) < HALF_OPEN + FD_HEADROOM:
+        pytest.skip(f"ulimit -n is {hard}: too low to open {HALF_OPEN} connections")
+    # As a login shell often starts it; the kernel resets connections past the limit.
+    with open_files_limit(LOW_OPEN_FILES):
+        url = start_gateway(procs, env=GATEWAY_ENV)
+    sockets.extend(half_open(url) for _ in range(HALF_OPEN))
+    started = time.monotonic()
+    response = httpx.get(f"{url}/healthz", timeout=5)
+    assert time.monotonic() - started < 1
+    assert response.status_code == 200
+
+
 def test_the_gateway_raises_its_open_files_limit_to_what_max_connections_needs(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
