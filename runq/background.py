@@ -1,9 +1,13 @@
-"""A daemon thread that repeats one step until stopped: leases, prediction logs, webhooks."""
+"""Repeated work: a daemon thread that repeats one step until stopped (leases, prediction logs,
+webhooks), and chores a loop runs between its own steps (a worker's, the autoscaler's).
+"""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 
 class BackgroundLoop:
@@ -54,3 +58,17 @@ class BackgroundLoop:
             wait_s = self._step()
         if self._final is not None:
             self._final()
+
+
+@dataclass
+class Chore:
+    """Something a loop does between its steps, at most every ``interval_s``."""
+
+    interval_s: float
+    action: Callable[[], object]
+    last: float = 0.0
+
+    def run_if_due(self) -> None:
+        if time.monotonic() - self.last >= self.interval_s:
+            self.action()
+            self.last = time.monotonic()

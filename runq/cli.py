@@ -270,6 +270,7 @@ def _worker(args: argparse.Namespace) -> int:
             open_store(settings.storage_url, settings.storage_endpoint_url),
             settings.inline_max_bytes,
         ),
+        maintenance_interval_s=settings.maintenance_interval_s,
         live=LiveSettings(settings, {fn.name: fn.declared}),
         predictions=_prediction_log(settings),
     ).run()
@@ -322,7 +323,14 @@ def _autoscaler(settings: Settings, target: str, functions: dict[str, Function])
     child_env.pop(ENV_METRICS_PORT, None)
     per_function = _function_settings(settings, functions)
     live = LiveSettings(settings, {name: fn.declared for name, fn in functions.items()})
-    return Autoscaler(Redis.from_url(settings.redis_url), target, per_function, child_env, live)
+    return Autoscaler(
+        Redis.from_url(settings.redis_url),
+        target,
+        per_function,
+        child_env,
+        live,
+        maintenance_interval_s=settings.maintenance_interval_s,
+    )
 
 
 def _grace_s(settings: Settings, functions: dict[str, Function]) -> float:

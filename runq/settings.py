@@ -166,6 +166,10 @@ class Settings(StrictNumbers):
     # Queued tasks with no live worker for longer than this are reported stranded: by then a
     # cold start should have brought one up.
     cold_start_budget_s: float = Field(120.0, gt=0)
+    # At least this often, while any runq process runs, one of them removes the registry entries
+    # of tasks past their result TTL (RQ's finished, failed and canceled registries, which
+    # nothing else prunes) and RQ's records of workers that are gone.
+    maintenance_interval_s: float = Field(60.0, gt=0)
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"

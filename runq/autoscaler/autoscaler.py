@@ -2,7 +2,8 @@
 
 Lifecycle: start (subscribe to the demand channel) → loop (``step``: wait for a wake-up or the
 tick, then per function: reap lapsed leases, read the figures, decide, scale, publish the
-replica figures) → stop (drain every worker, then kill what outlives the grace period).
+replica figures; then registry maintenance when due) → stop (drain every worker, then kill
+what outlives the grace period).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from redis.client import PubSub
 
 from runq.autoscaler.policy import Policy, decide
 from runq.autoscaler.pool import CutShort, WorkerPool, never
+from runq.background import Chore
 from runq.metrics import metrics
 from runq.queue import constants
 from runq.queue.deployed import LiveSettings
 from runq.queue.figures import Figures, publish_replicas, withdraw_replicas
+from runq.queue.maintenance import Maintenance
 from runq.queue.outage import Outage
 from runq.queue.reaper import Reaper
 from runq.settings import FunctionSettings
@@ -50,8 +53,12 @@ class Autoscaler:
         settings: Mapping[str, FunctionSettings],
         env: Mapping[str, str],
         live: LiveSettings | None = None,
+        *,
+        maintenance_interval_s: float,
     ) -> None:
         self.connection = connection
+        maintenance = Maintenance(connection, maintenance_interval_s)
+        self._maintenance = Chore(maintenance.try_interval_s, maintenance.run)
         self.live = live
         self._figures = Figures(connection)
         self._pubsub: PubSub | None = None
@@ -89,6 +96,7 @@ class Autoscaler:
         self._follow_deployed()
         for managed in self.functions:
             self._follow(managed)
+        self._maintenance.run_if_due()
 
     def stop(self, grace_s: float, cut_short: CutShort = never) -> None:
         for managed in self.functions:

@@ -27,6 +27,7 @@ from runq.metrics import metrics
 from runq.queue import constants
 from runq.queue.connection import async_redis
 from runq.queue.deployed import LiveSettings
+from runq.queue.maintenance import AsyncMaintenance
 from runq.queue.storage import open_store
 from runq.queue.store import TaskStore
 from runq.queue.waiter import TaskWaiter
@@ -68,6 +69,10 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
         sender = _webhook_sender(settings, webhooks)
         if sender is not None:
             sender.start()
+        maintainer = asyncio.create_task(
+            _maintain(AsyncMaintenance(redis, settings.maintenance_interval_s)),
+            name="runq-maintenance",
+        )
         try:
             yield
         finally:
@@ -75,6 +80,7 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
             if sender is not None:
                 await asyncio.to_thread(sender.stop)
             webhooks.close()
+            maintainer.cancel()
             await waiter.stop()
             await redis.aclose()
 
@@ -142,3 +148,10 @@ def app_from_env() -> FastAPI:
     logs.configure(settings.log_level, settings.log_format)
     connections.configure(settings)
     return create_app(settings, load_target(target))
+
+
+async def _maintain(maintenance: AsyncMaintenance) -> None:
+    # Gateways clean too: with every function scaled to zero and no autoscaler, nothing else runs.
+    while True:
+        await maintenance.run()
+        await asyncio.sleep(maintenance.try_interval_s)

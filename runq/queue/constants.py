@@ -18,6 +18,7 @@ from rq.registry import (
 )
 from rq.results import Result
 from rq.worker import Worker
+from rq.worker_registration import REDIS_WORKER_KEYS, WORKERS_BY_QUEUE_KEY
 
 RUNQ_PREFIX = "runq:"
 QUEUE_NAME_PREFIX = "runq."
@@ -39,6 +40,9 @@ RQ_CANCELED_PREFIX = CanceledJobRegistry.key_template.format("")
 RQ_FINISHED_PREFIX = FinishedJobRegistry.key_template.format("")
 RQ_RESULTS_PREFIX = str(Result.get_key(""))
 RQ_WORKER_PREFIX = Worker.redis_worker_namespace_prefix
+# RQ's sets of registered worker keys: all, and per queue.
+RQ_WORKERS_KEY = REDIS_WORKER_KEYS
+RQ_WORKERS_BY_QUEUE_PREFIX = WORKERS_BY_QUEUE_KEY % ""
 # RQ keeps a result stream this long (XADD MAXLEN ~), and an execution's record this long past
 # its heartbeat TTL (an execution's TTL is RQ's job monitoring interval, at most the job's
 # timeout, plus RQ_EXECUTION_GRACE_S).
@@ -171,6 +175,12 @@ WEBHOOK_TIMEOUT_S = 5.0
 WEBHOOK_BACKOFF_S = 1.0
 WEBHOOK_BACKOFF_MAX_S = 300.0
 WEBHOOK_MAX_ATTEMPTS = 10
+
+# Registry maintenance (runq/queue/maintenance.py): whichever process holds this lock removes
+# the finished, failed and canceled registries' entries of tasks past their TTL, and RQ's
+# records of workers that are gone. Held for three quarters of the period, tried by every
+# process each quarter: one cleanup per period however many processes run.
+MAINTENANCE_LOCK_KEY = RUNQ_PREFIX + "maintenance"
 
 # How often workers and the autoscaler look for lapsed leases: with LEASE_TTL_S, a dead worker's
 # tasks are found within about LEASE_TTL_S + REAP_INTERVAL_S.

@@ -15,8 +15,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -26,6 +25,7 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
+from runq.background import Chore
 from runq.errors import ErrorCode, StorageError
 from runq.functions import Function
 from runq.metrics import metrics
@@ -33,6 +33,7 @@ from runq.predlog import PredictionLog, prediction_record
 from runq.queue import constants, storage
 from runq.queue.claim import Claimed
 from runq.queue.deployed import LiveSettings
+from runq.queue.maintenance import Maintenance
 from runq.queue.outage import Outage
 from runq.queue.reaper import Reaper
 from runq.queue.record import Recorder, Running
@@ -62,20 +63,6 @@ SWEEP_MARGIN_S = 24 * 3600.0
 HIDDEN_MODEL_ERROR = "the model raised an error; the worker log has it under task {task_id}"
 
 
-@dataclass
-class Chore:
-    """Something the worker does between batches, at most every ``interval_s``."""
-
-    interval_s: float
-    action: Callable[[], object]
-    last: float = 0.0
-
-    def run_if_due(self) -> None:
-        if time.monotonic() - self.last >= self.interval_s:
-            self.action()
-            self.last = time.monotonic()
-
-
 class BatchWorker(SimpleWorker):
     def __init__(
         self,
@@ -84,6 +71,7 @@ class BatchWorker(SimpleWorker):
         connection: Redis,
         claim_check: ClaimCheck,
         *,
+        maintenance_interval_s: float,
         live: LiveSettings | None = None,
         predictions: PredictionLog | None = None,
     ) -> None:
@@ -114,6 +102,8 @@ class BatchWorker(SimpleWorker):
             Chore(constants.DEPLOYED_POLL_INTERVAL_S, self._follow_deployed),
             Chore(SWEEP_INTERVAL_S, self._sweep),
         ]
+        maintenance = Maintenance(connection, maintenance_interval_s)
+        self._chores.append(Chore(maintenance.try_interval_s, maintenance.run))
         self.batches_run = 0
 
     # lifecycle ------------------------------------------------------------------------------
