@@ -18,6 +18,7 @@ from tests.helpers import (
     BUCKETS,
     GATEWAY_ENV,
     OBSERVED,
+    OWN_DB,
     SERVED,
     Proc,
     Receiver,
@@ -132,5 +133,18 @@ def store(valkey_url: str) -> Iterator[Redis]:
     client = Redis.from_url(valkey_url, db=13)
     client.flushdb()
     yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def own_db(valkey_url: str) -> Iterator[tuple[Redis, str]]:
+    """A database of the suite's Valkey that no session process uses, emptied, and its URL: for
+    processes whose figures or cleanup must be theirs alone (the others clean database 0 with
+    the default period, and would hold its maintenance lock for most of a minute)."""
+    url = f"{valkey_url}/{OWN_DB}"
+    client = Redis.from_url(url)
+    client.flushdb()
+    yield client, url
     client.flushdb()
     client.close()

@@ -31,7 +31,12 @@ import httpx
 from redis import Redis
 
 from runq.queue import constants
+from runq.queue.connection import async_redis
+from runq.queue.enqueue import Enqueue, Reply, Request
+from runq.queue.store import new_task_id
+from runq.queue.tasks import new_job_fields
 from runq.queue.webhooks import enqueue
+from runq.settings import FunctionSettings
 from runq.webhook_sender import WebhookSender
 from tests.fns import CALLS_KEY, RAN_KEY
 
@@ -88,6 +93,8 @@ def alive(pid: int) -> bool:
 
 
 PRIORITY_SUFFIXES = ("", ".high", ".low")
+# The `own_db` fixture's database (the `store` fixture has 13).
+OWN_DB = 12
 
 
 def clear_function(redis: Redis, function: str) -> None:
@@ -371,3 +378,35 @@ def batch_sizes(redis: Redis) -> list[int]:
 
 def runq_cli(*args: str, redis_url: str) -> subprocess.CompletedProcess[str]:
     return run_runq(*args, "--redis-url", redis_url)
+
+
+def submit_tasks(url: str, function: str, count: int, settings: FunctionSettings) -> None:
+    """``count`` tasks (input 1) admitted as the gateway admits them, pipelined: fast in bulk."""
+
+    async def run() -> list[Reply]:
+        redis = async_redis(url)
+        enqueue = Enqueue(redis, idempotency_ttl_s=60)
+        with Redis.from_url(url) as job_connection:
+            requests = [
+                Request(
+                    function=function,
+                    task_id=new_task_id(),
+                    priority=constants.DEFAULT_PRIORITY,
+                    fields=new_job_fields(
+                        function=function,
+                        settings=settings,
+                        payload_json=b"1",
+                        priority=constants.DEFAULT_PRIORITY,
+                        reply_to=None,
+                        connection=job_connection,
+                    ),
+                    max_queue=settings.max_queue,
+                )
+                for _ in range(count)
+            ]
+        try:
+            return [admitted.reply for admitted in await asyncio.gather(*map(enqueue, requests))]
+        finally:
+            await redis.aclose()
+
+    assert set(asyncio.run(run())) == {Reply.ENQUEUED}
