@@ -271,6 +271,7 @@ def _worker(args: argparse.Namespace) -> int:
             settings.inline_max_bytes,
         ),
         maintenance_interval_s=settings.maintenance_interval_s,
+        heartbeat_ttl_s=settings.heartbeat_ttl_s,
         live=LiveSettings(settings, {fn.name: fn.declared}),
         predictions=_prediction_log(settings),
     ).run()

@@ -170,6 +170,10 @@ class Settings(StrictNumbers):
     # of tasks past their result TTL (RQ's finished, failed and canceled registries, which
     # nothing else prunes) and RQ's records of workers that are gone.
     maintenance_interval_s: float = Field(60.0, gt=0)
+    # A worker counts as a replica (replicas.current, runq_replicas_current) until this long after
+    # its last heartbeat: a hung one (SIGSTOP, a deadlock) drops out after it. Shorter finds it
+    # sooner; a model holding the GIL for longer also drops out while it runs.
+    heartbeat_ttl_s: float = Field(8.0, ge=0.5, le=60)
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"

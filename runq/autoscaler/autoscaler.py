@@ -150,7 +150,7 @@ class Autoscaler:
         managed.pool.scale_to(decision.replicas)
         if before == 0 and managed.pool.current > 0:
             metrics().cold_starts.labels(managed.name).inc()
-        publish_replicas(self.connection, managed.name, managed.pool.current, decision.replicas)
+        publish_replicas(self.connection, managed.name, decision.replicas)
 
 
 def policy_of(settings: FunctionSettings) -> Policy:

@@ -122,10 +122,10 @@ DRAIN_RATE_WINDOW_S = 10.0
 DRAIN_TTL_S = 24 * 3600
 # Channel an enqueue publishes the function's name on while it has no worker: wakes autoscalers.
 DEMAND_CHANNEL = RUNQ_PREFIX + "demand"
-# A function's replica figures, {current, desired}, written by the autoscaler that manages it;
-# they expire when it stops writing them.
+# A function's wanted replicas, {desired}, written by the autoscaler that manages it; they
+# expire when it stops writing them. Current replicas are the live workers, never its count of
+# processes: a hung worker is one of those, and no replica.
 REPLICAS_PREFIX = RUNQ_PREFIX + "replicas:"
-REPLICAS_CURRENT_FIELD = "current"
 REPLICAS_DESIRED_FIELD = "desired"
 REPLICAS_TTL_S = 10
 # What `runq deploy` set: hash {function: JSON settings}, and a counter bumped with every

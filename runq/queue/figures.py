@@ -18,8 +18,8 @@ from runq.queue import constants, lua
 
 # KEYS[1..3] the function's queue lists, KEYS[4] leases, KEYS[5] its live workers,
 # KEYS[6] the autoscaler's replicas hash, KEYS[7] when a worker was last seen
-# Returns {queued, running (live leases), live workers, replicas current, replicas desired,
-# now, unserved}: replicas false when no autoscaler manages the function; unserved, only when
+# Returns {queued, running (live leases), live workers, replicas desired, now, unserved}:
+# desired false when no autoscaler manages the function; unserved, only when
 # tasks are queued and no worker is live, is {last seen or false, created_at of each queue's
 # oldest task}.
 FIGURES = lua.script(
@@ -30,7 +30,7 @@ local now = server_now()
 local after_now = '(' .. tostring(now)
 local running = redis.call('ZCOUNT', KEYS[4], after_now, '+inf')
 local workers = redis.call('ZCOUNT', KEYS[5], after_now, '+inf')
-local replicas = redis.call('HMGET', KEYS[6], CURRENT, DESIRED)
+local desired = redis.call('HGET', KEYS[6], DESIRED)
 local unserved = {}
 if queued > 0 and workers == 0 then
   unserved[1] = redis.call('GET', KEYS[7])
@@ -41,10 +41,9 @@ if queued > 0 and workers == 0 then
     end
   end
 end
-return {queued, running, workers, replicas[1], replicas[2], tostring(now), unserved}
+return {queued, running, workers, desired, tostring(now), unserved}
 """,
     lua.SERVER_NOW,
-    CURRENT=constants.REPLICAS_CURRENT_FIELD,
     DESIRED=constants.REPLICAS_DESIRED_FIELD,
     JOB_PREFIX=constants.RQ_JOB_PREFIX,
     CREATED_AT=constants.CREATED_AT_FIELD,
@@ -55,17 +54,17 @@ return {queued, running, workers, replicas[1], replicas[2], tostring(now), unser
 class FunctionFigures:
     queued: int
     running: int
-    # Live workers, and the autoscaler's view when one manages the function.
+    # Live workers (heartbeat fresh), and what the autoscaler wants when one manages the function.
     workers: int
-    current: int | None
     desired: int | None
     # How long queued tasks have had no live worker to take them; 0 while one is live.
     unserved_s: float = 0.0
 
     @property
     def replicas_current(self) -> int:
-        """The autoscaler's count when one manages the function, else the live workers."""
-        return self.workers if self.current is None else self.current
+        """Workers whose heartbeat is fresh: a hung one (stopped, stuck holding the GIL) drops
+        out within LEASE_TTL_S, however many processes the autoscaler counts as started."""
+        return self.workers
 
     def stranded(self, cold_start_budget_s: float) -> bool:
         """Queued work that no worker took for longer than a cold start may take."""
@@ -73,12 +72,11 @@ class FunctionFigures:
 
     @classmethod
     def from_reply(cls, reply: list[Any]) -> FunctionFigures:
-        queued, running, workers, current, desired, now, unserved = reply
+        queued, running, workers, desired, now, unserved = reply
         return cls(
             queued=queued,
             running=running,
             workers=workers,
-            current=None if current is None else int(current),
             desired=None if desired is None else int(desired),
             unserved_s=_unserved_s(float(now), unserved),
         )
@@ -133,17 +131,11 @@ class AsyncFigures:
         return FunctionFigures.from_reply(await self._script(keys=keys(function)))
 
 
-def publish_replicas(connection: Redis, function: str, current: int, desired: int) -> None:
-    """The autoscaler's view of a function, readable until it stops renewing it."""
+def publish_replicas(connection: Redis, function: str, desired: int) -> None:
+    """The autoscaler's wanted replicas of a function, readable until it stops renewing them."""
     key = constants.replicas_key(function)
     with connection.pipeline() as pipe:
-        pipe.hset(
-            key,
-            mapping={
-                constants.REPLICAS_CURRENT_FIELD: current,
-                constants.REPLICAS_DESIRED_FIELD: desired,
-            },
-        )
+        pipe.hset(key, constants.REPLICAS_DESIRED_FIELD, desired)
         pipe.expire(key, constants.REPLICAS_TTL_S)
         pipe.execute()
 

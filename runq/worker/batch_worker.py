@@ -72,6 +72,7 @@ class BatchWorker(SimpleWorker):
         claim_check: ClaimCheck,
         *,
         maintenance_interval_s: float,
+        heartbeat_ttl_s: float,
         live: LiveSettings | None = None,
         predictions: PredictionLog | None = None,
     ) -> None:
@@ -90,7 +91,7 @@ class BatchWorker(SimpleWorker):
         self.runner = ModelRunner(function)
         self.collector = BatchCollector(connection, function, settings, self.name)
         self.recorder = Recorder(connection, function.name, self.name)
-        self.leases = LeaseKeeper(connection, function.name, self.name)
+        self.leases = LeaseKeeper(connection, function.name, self.name, heartbeat_ttl_s)
         self.reaper = Reaper(connection, function.name, settings.retries)
         self.live = live
         self.claim_check = claim_check

@@ -26,13 +26,15 @@ logger = logging.getLogger("runq.worker")
 class LeaseKeeper:
     """Renews the worker's presence among the function's live workers, and its tasks' leases."""
 
-    def __init__(self, connection: Redis, function: str, worker_name: str) -> None:
-        self._heartbeat = Heartbeat(connection, function, worker_name)
+    def __init__(
+        self, connection: Redis, function: str, worker_name: str, heartbeat_ttl_s: float
+    ) -> None:
+        self._heartbeat = Heartbeat(connection, function, worker_name, heartbeat_ttl_s)
+        # Often enough that a few missed renewals do not drop a live worker's presence.
+        self._interval_s = min(constants.LEASE_RENEW_INTERVAL_S, heartbeat_ttl_s / 4)
         # Replaced whole, never mutated: the thread reads it without a lock.
         self._held: tuple[str, ...] = ()
-        self._loop = BackgroundLoop(
-            "runq-leases", self._renew, first_wait_s=constants.LEASE_RENEW_INTERVAL_S
-        )
+        self._loop = BackgroundLoop("runq-leases", self._renew, first_wait_s=self._interval_s)
 
     def start(self) -> None:
         """Announces the worker live (it is ready for tasks) and starts renewing."""
@@ -70,4 +72,4 @@ class LeaseKeeper:
                     "those tasks go back to the queue or fail worker_lost",
                     len(lost),
                 )
-        return constants.LEASE_RENEW_INTERVAL_S
+        return self._interval_s

@@ -17,7 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from runq.embedded import EmbeddedValkey
+from runq.queue.figures import Figures
+from runq.settings import FunctionSettings
 from tests.helpers import (
+    FNS,
     GATEWAY_ENV,
     ROOT,
     Proc,
@@ -26,6 +29,7 @@ from tests.helpers import (
     free_port,
     run_runq,
     start_gateway,
+    submit_tasks,
     wait_until,
 )
 
@@ -262,3 +266,42 @@ def test_the_autoscaler_rides_out_redis_being_down_at_start_and_restarting(
         assert autoscaler.stop(signal.SIGTERM) == 0
     finally:
         valkey.stop()
+
+
+def test_a_hung_worker_is_no_current_replica_until_it_answers_again(
+    procs: Callable[..., Proc], own_db: tuple[Redis, str]
+) -> None:
+    redis, url = own_db
+    autoscaler = procs(
+        "autoscale",
+        FNS,
+        env={
+            "RUNQ_REDIS_URL": url,
+            "RUNQ_FUNCTIONS__ECHO__MIN_REPLICAS": "1",
+            "RUNQ_HEARTBEAT_TTL_S": "1",
+        },
+    )
+    figures = Figures(redis)
+    try:
+        wait_until(lambda: figures.read("echo").replicas_current == 1, 60, "the echo worker")
+        (worker,) = workers_of(autoscaler, "echo")
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            submit_tasks(url, "echo", 3, FunctionSettings())
+            # Its process runs, as far as the autoscaler knows; its heartbeat is 1 s stale.
+            hung = wait_until(
+                lambda: (read := figures.read("echo")).replicas_current == 0 and read,
+                5,
+                "the stopped worker to drop out of replicas.current",
+            )
+            assert (hung.queued, hung.desired) == (3, 1)
+            assert workers_of(autoscaler, "echo") == [worker]
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        wait_until(
+            lambda: (read := figures.read("echo")).replicas_current == 1 and read.queued == 0,
+            10,
+            "the worker to count again and take the tasks",
+        )
+    finally:
+        autoscaler.stop()

@@ -61,6 +61,7 @@ ALERTS = (
     "RunqHighErrorRate",
     "RunqHighServerErrorRate",
     "RunqNoWorkersWhileTasksWait",
+    "RunqTasksWaitNothingEnds",
     "RunqShedding",
 )
 
