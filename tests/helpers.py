@@ -201,8 +201,11 @@ class Proc:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> int:
-        if self.alive():
+    def stop(
+        self, sig: int = signal.SIGTERM, timeout_s: float = 15.0, *, signaled: bool = False
+    ) -> int:
+        """Signals the process (unless ``signaled`` says it already was) and waits for its end."""
+        if self.alive() and not signaled:
             self.process.send_signal(sig)
         try:
             return self.process.wait(timeout=timeout_s)
