@@ -79,7 +79,8 @@ def test_ctrl_c_to_serves_process_group_drains_the_running_batch(
     # workers and Valkey too: the batch in hand was killed every time (its predict answered
     # 500), the worker printed tracebacks and serve exited 1.
     port = free_port()
-    for attempt in range(3):
+    # It failed on every try before the fix; two tries keep the suite inside its budget.
+    for attempt in range(2):
         answer, output = interrupted_while_running(procs, port)
         assert isinstance(answer, httpx.Response), (attempt, answer, output)
         assert answer.status_code == 200, (attempt, answer.text, output)
