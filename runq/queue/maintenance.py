@@ -69,7 +69,11 @@ return {entries, workers}
 )
 
 
+_KEYS = [constants.MAINTENANCE_LOCK_KEY]
+
+
 def _args(interval_s: float) -> list[int]:
+    """The script's ARGV: how long the lock is held, in ms."""
     return [max(1, int(interval_s * _LOCK_SHARE * 1000))]
 
 
@@ -86,15 +90,13 @@ class Maintenance:
 
     def __init__(self, connection: Redis, interval_s: float) -> None:
         self._script = connection.register_script(CLEAN)
-        self._interval_s = interval_s
+        self._args = _args(interval_s)
         self.try_interval_s = interval_s * (1 - _LOCK_SHARE)
 
     def run(self) -> bool:
         """Cleans unless another process did within the period; True when this one did."""
         # A RedisError is the caller's outage to wait out; the next run cleans what this missed.
-        return _logged(
-            self._script(keys=[constants.MAINTENANCE_LOCK_KEY], args=_args(self._interval_s))
-        )
+        return _logged(self._script(keys=_KEYS, args=self._args))
 
 
 class AsyncMaintenance:
@@ -102,14 +104,12 @@ class AsyncMaintenance:
 
     def __init__(self, redis: aioredis.Redis, interval_s: float) -> None:
         self._script = redis.register_script(CLEAN)
-        self._interval_s = interval_s
+        self._args = _args(interval_s)
         self.try_interval_s = interval_s * (1 - _LOCK_SHARE)
 
     async def run(self) -> None:
         try:
-            reply = await self._script(
-                keys=[constants.MAINTENANCE_LOCK_KEY], args=_args(self._interval_s)
-            )
+            reply = await self._script(keys=_KEYS, args=self._args)
         except (RedisError, OSError) as exc:
             # As the gateway's other loops: the next run cleans what this one could not.
             logger.debug("registry maintenance failed: %s", exc)

@@ -32,6 +32,11 @@ def ran(redis: Redis) -> list[str]:
     return [x.decode() for x in redis.lrange(RAN_KEY.format("parked"), 0, -1)]
 
 
+def post_raw(client: httpx.Client, path: str, body: bytes | Iterator[bytes]) -> httpx.Response:
+    """POSTs bytes as JSON: what a client that builds its own body (or none) sends."""
+    return client.post(path, content=body, headers={"content-type": "application/json"})
+
+
 def submit(client: httpx.Client, function: str, value: object) -> dict:
     response = client.post(f"/v1/functions/{function}/tasks", json={"input": value})
     assert response.status_code == 202, response.text
@@ -123,11 +128,7 @@ def test_unknown_task_is_404(client: httpx.Client) -> None:
 
 
 def test_malformed_body_is_400(client: httpx.Client) -> None:
-    response = client.post(
-        "/v1/functions/echo/predict",
-        content=b'{"input": ',
-        headers={"content-type": "application/json"},
-    )
+    response = post_raw(client, "/v1/functions/echo/predict", b'{"input": ')
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "bad_request"
 
@@ -171,11 +172,7 @@ def test_body_over_the_limit_is_413(client: httpx.Client) -> None:
             yield b"y" * 1024
         yield b'"}'
 
-    response = client.post(
-        "/v1/functions/echo/predict",
-        content=chunks(),
-        headers={"content-type": "application/json"},
-    )
+    response = post_raw(client, "/v1/functions/echo/predict", chunks())
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "payload_too_large"
 
@@ -247,11 +244,7 @@ def test_an_output_that_json_cannot_hold_fails_its_task_and_the_worker_goes_on(
 def test_an_input_nested_too_deep_to_encode_is_a_422_not_a_500(client: httpx.Client) -> None:
     # JSON parses and validates at 300 levels, but pydantic-core will not serialize it.
     nested = b"[" * 300 + b"0" + b"]" * 300
-    response = client.post(
-        "/v1/functions/echo/predict",
-        content=b'{"input": ' + nested + b"}",
-        headers={"content-type": "application/json"},
-    )
+    response = post_raw(client, "/v1/functions/echo/predict", b'{"input": ' + nested + b"}")
     assert response.status_code == 422, response.text[:300]
     assert response.json()["error"]["code"] == "validation_error"
     assert "input cannot be encoded as JSON" in response.json()["error"]["message"]
@@ -263,10 +256,8 @@ def test_an_input_with_nan_or_infinity_is_a_422_and_nothing_is_enqueued(
     client: httpx.Client, redis: Redis, parked: None, token: str, route: str
 ) -> None:
     # Python's json read them, and pydantic wrote NaN on as null: the model saw None.
-    response = client.post(
-        f"/v1/functions/parked/{route}",
-        content=f'{{"input": [1.5, {token}]}}'.encode(),
-        headers={"content-type": "application/json"},
+    response = post_raw(
+        client, f"/v1/functions/parked/{route}", f'{{"input": [1.5, {token}]}}'.encode()
     )
     assert response.status_code == 422, response.text
     assert f"the body holds {token}" in response.json()["error"]["message"]
@@ -276,29 +267,21 @@ def test_an_input_with_nan_or_infinity_is_a_422_and_nothing_is_enqueued(
 def test_an_input_with_a_lone_surrogate_is_a_422(
     client: httpx.Client, redis: Redis, parked: None
 ) -> None:
-    response = client.post(
+    response = post_raw(
+        client,
         "/v1/functions/parked/predict",
-        content=b'{"input": ["\\ud800", "a pair is fine: \\ud83d\\ude00"]}',
-        headers={"content-type": "application/json"},
+        b'{"input": ["\\ud800", "a pair is fine: \\ud83d\\ude00"]}',
     )
     assert response.status_code == 422, response.text
     assert "lone UTF-16 surrogate" in response.json()["error"]["message"]
     assert redis.llen(PARKED_QUEUE) == 0
-    pair = client.post(
-        "/v1/functions/parked/tasks",
-        content=b'{"input": "\\ud83d\\ude00"}',
-        headers={"content-type": "application/json"},
-    )
+    pair = post_raw(client, "/v1/functions/parked/tasks", b'{"input": "\\ud83d\\ude00"}')
     assert pair.status_code == 202, pair.text
     client.delete(f"/v1/tasks/{pair.json()['id']}")
 
 
 def test_a_function_whose_type_allows_nan_takes_it(client: httpx.Client, redis: Redis) -> None:
-    response = client.post(
-        "/v1/functions/lenient/tasks",
-        content=b'{"input": NaN}',
-        headers={"content-type": "application/json"},
-    )
+    response = post_raw(client, "/v1/functions/lenient/tasks", b'{"input": NaN}')
     assert response.status_code == 202, response.text
     client.delete(f"/v1/tasks/{response.json()['id']}")
 
