@@ -23,6 +23,7 @@ from runq.gateway.lean import LeanPaths
 from runq.gateway.limits import BodySizeLimit, InflightLimit
 from runq.gateway.observe import RequestMetrics
 from runq.gateway.routes import Served
+from runq.heap import freeze_startup_heap
 from runq.metrics import metrics
 from runq.queue import constants
 from runq.queue.connection import async_redis
@@ -73,6 +74,7 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
             _maintain(AsyncMaintenance(redis, settings.maintenance_interval_s)),
             name="runq-maintenance",
         )
+        freeze_startup_heap()
         try:
             yield
         finally:

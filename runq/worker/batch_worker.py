@@ -28,6 +28,7 @@ from rq.worker import SimpleWorker
 from runq.background import Chore
 from runq.errors import ErrorCode, StorageError
 from runq.functions import Function
+from runq.heap import freeze_startup_heap
 from runq.metrics import metrics
 from runq.predlog import PredictionLog, prediction_record
 from runq.queue import constants, storage
@@ -121,6 +122,7 @@ class BatchWorker(SimpleWorker):
             time.monotonic() - started,
         )
         self.bootstrap(logging_level=None)
+        freeze_startup_heap()
         self.leases.start()
         if self.predictions is not None:
             self.predictions.start()
