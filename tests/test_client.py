@@ -601,11 +601,15 @@ def test_answers_without_runq_bodies_still_map_to_typed_errors() -> None:
     error = _error(proxy, attempts)
     assert type(error) is runq.Unavailable and error.retry_after_s == 4
     assert error.details == {"attempts": 2} and "bad gateway" in error.message
+    # A proxy's own 401 (its code is none of runq's) is still the typed 401.
     denied = _error(
         httpx.Response(401, json={"error": {"code": "unauthorized", "message": "no"}}), attempts
     )
-    assert type(denied) is runq.RunqError
-    assert (denied.status_code, denied.code, denied.message) == (401, "unauthorized", "no")
+    assert type(denied) is runq.Unauthenticated
+    assert (denied.status_code, denied.message) == (401, "no")
+    odd = _error(httpx.Response(418, json={"error": {"code": "teapot", "message": "no"}}), attempts)
+    assert type(odd) is runq.RunqError
+    assert (odd.status_code, odd.code, odd.message) == (418, "teapot", "no")
     full = httpx.Response(
         503, json={"error": {"code": "queue_full", "message": "full"}}, headers={"Retry-After": "5"}
     )
