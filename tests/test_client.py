@@ -25,6 +25,7 @@ from runq.client import (
     MIN_ATTEMPT_S,
     Task,
     _Attempts,
+    _Call,
     _canceled,
     _deleted,
     _error,
@@ -558,6 +559,27 @@ def test_retry_after_is_honoured_capped_by_backoff_max_and_the_deadline() -> Non
     assert delays(retry.start(deadline_s=8), clock, "3") == [3.0, 3.0]
     assert clock.now - started == 6.0
     assert delays(retry.start(deadline_s=2), clock, "5") == []
+
+
+def test_a_429_waits_out_its_retry_after_within_the_deadline_and_401_403_are_not_retried() -> None:
+    clock = FakeClock()
+    with runq.Client("http://127.0.0.1:9") as client:
+        client._retry = policy(clock, jitter=0.1)
+        call = _Call("POST", "/v1/functions/echo/predict")
+        attempts = client._retry.start(deadline_s=10)
+        limited = httpx.Response(
+            429,
+            json={"error": {"code": "rate_limited", "message": "slow down"}},
+            headers={"Retry-After": "3"},
+        )
+        assert client._after(call, attempts, limited) == 3.0
+        clock.now += 7.5  # 2.5 s left: too little to wait 3 s and try again
+        assert client._after(call, attempts, limited) is None
+        assert _error(limited, attempts).status_code == 429
+        for status, kind in ((401, runq.Unauthenticated), (403, runq.Forbidden)):
+            refused = httpx.Response(status, json={"error": {"code": kind.code, "message": "no"}})
+            assert client._after(call, client._retry.start(deadline_s=10), refused) is None
+            assert type(_error(refused, attempts)) is kind
 
 
 def test_a_deadline_bounds_the_whole_call() -> None:
