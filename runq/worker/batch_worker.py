@@ -48,6 +48,7 @@ from runq.queue.tasks import (
     finish_by,
     job_input,
     output_json,
+    tenant_of,
 )
 from runq.settings import FunctionSettings
 from runq.worker.collect import BatchCollector
@@ -222,7 +223,12 @@ class BatchWorker(SimpleWorker):
             latency_s = ended - task.created_s
             log.add(
                 prediction_record(
-                    self.function.name, task.task_id, task.payload, outcome, latency_s
+                    self.function.name,
+                    task.task_id,
+                    tenant_of(task.fields),
+                    task.payload,
+                    outcome,
+                    latency_s,
                 )
             )
 
