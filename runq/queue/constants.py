@@ -54,6 +54,7 @@ RQ_EXECUTION_GRACE_S = 60
 STATUS_FIELD = "status"
 ORIGIN_FIELD = "origin"
 CREATED_AT_FIELD = "created_at"
+ENQUEUED_AT_FIELD = "enqueued_at"
 STARTED_AT_FIELD = "started_at"
 ENDED_AT_FIELD = "ended_at"
 HEARTBEAT_FIELD = "last_heartbeat"
@@ -81,6 +82,9 @@ INPUT_REF_FIELD = "runq_input_ref"
 OUTPUT_REF_FIELD = "runq_output_ref"
 # Where to POST the task when it ends (submitted with "webhook").
 WEBHOOK_FIELD = "runq_webhook"
+# The task's tenant; absent on tasks of DEFAULT_TENANT, whose layout and cost stay as they were.
+TENANT_FIELD = "tenant"
+DEFAULT_TENANT = "default"
 
 # A gateway process's reply channel: a finished predict task is published here, whole.
 REPLY_CHANNEL_PREFIX = RUNQ_PREFIX + "reply:"
