@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from redis import Redis
 
+from runq.cli import main
 from runq.queue import constants
 from runq.settings import FunctionSettings
 from tests.gateway.test_api import submit
@@ -380,3 +382,43 @@ def test_async_client_lists_retries_and_purges(gateway: str, parked: None) -> No
     assert retried.id in [t.id for t in page.tasks]
     assert retried.status == "queued"
     assert purged == 1
+
+
+# CLI ------------------------------------------------------------------------------------------
+
+
+def runq_tasks(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`runq tasks ARGS` run in this process (the gateway it asks is a real one): exit code,
+    stdout, stderr."""
+    with pytest.raises(SystemExit) as exited:
+        main(["tasks", *args])
+    out, err = capsys.readouterr()
+    return int(exited.value.code or 0), out, err
+
+
+@pytest.mark.usefixtures("parked")
+def test_runq_tasks_lists_retries_and_purges_through_the_gateway(
+    client: httpx.Client, gateway: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doomed = submit(client, "parked", "doomed")["id"]
+    client.post(f"/v1/tasks/{doomed}/cancel")
+    waiting = [submit(client, "parked", i)["id"] for i in range(2)]
+
+    code, out, err = runq_tasks(capsys, "list", "parked", "--status", "queued", "--url", gateway)
+    assert code == 0, err
+    header, *rows = out.splitlines()
+    assert header.split() == ["ID", "STATUS", "PRIORITY", "ATTEMPTS", "CREATED", "FINISHED"]
+    assert [row.split()[:4] for row in rows] == [[t, "queued", "normal", "0"] for t in waiting]
+
+    code, out, err = runq_tasks(capsys, "retry", doomed, "--url", gateway)
+    assert code == 0, err
+    assert f"task {doomed} is queued again" in out
+    code, out, _ = runq_tasks(capsys, "list", "parked", "--json", "--url", gateway)
+    assert [json.loads(line)["id"] for line in out.splitlines()][:3] == [*waiting, doomed]
+
+    code, out, err = runq_tasks(capsys, "purge", "parked", "--url", gateway)
+    assert code == 0, err
+    assert "purged 3 queued task(s) of parked" in out
+    code, _, err = runq_tasks(capsys, "retry", "no-such-task", "--url", gateway)
+    assert code == 2
+    assert "runq: error: no task no-such-task" in err
