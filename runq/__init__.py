@@ -1,6 +1,6 @@
 """runq: serverless, function-style model serving on a Redis/Valkey queue."""
 
-from runq.client import AsyncClient, Client, Task
+from runq.client import AsyncClient, Client, Task, TaskPage
 from runq.errors import (
     BadRequest,
     ConfigError,
@@ -41,6 +41,7 @@ __all__ = [
     "QueueFull",
     "RunqError",
     "Task",
+    "TaskPage",
     "Timeout",
     "Unauthenticated",
     "Unavailable",

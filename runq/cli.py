@@ -1,5 +1,5 @@
-"""`runq serve | gateway | worker | autoscale | status | config | deploy`: the entry points, and
-the only place that exits."""
+"""`runq serve | gateway | worker | autoscale | status | config | deploy | tasks`: the entry
+points, and the only place that exits."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any, get_args
 
 from runq import logs
+from runq.client import TaskStatusName
 from runq.errors import ConfigError, RunqError
 from runq.functions import Function, load_target
 from runq.queue.deployed import Deployed, LiveSettings, deploy, deployed_settings, read_deploy_file
@@ -106,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("file", type=Path, help="YAML: functions: {NAME: {SETTING: VALUE}}")
     deploy.add_argument("target", help="the served target, to check the file against")
     _keys_command(commands.add_parser("keys", help=KEYS_HELP, description=KEYS_HELP))
+    _tasks_command(commands)
     return parser
 
 
@@ -643,4 +645,93 @@ def _keys_revoke(args: argparse.Namespace) -> int:
     with _keys_connection(args) as connection:
         record = revoke_key(connection, args.key_id)
     print(f"revoked key {record.key_id} of tenant {record.tenant}")
+    return 0
+
+
+# tasks -----------------------------------------------------------------------------------------
+
+# Unlike the commands above, `runq tasks` asks a gateway over HTTP: listing, retry and purge are
+# the API's (its admission rules, and the caller's tenant once keys are on), not Redis's.
+TASKS_HELP = "list a function's tasks, retry an ended one, or purge a queue, through a gateway"
+DEFAULT_URL = "http://127.0.0.1:8000"
+TASK_COLUMNS = ("ID", "STATUS", "PRIORITY", "ATTEMPTS", "CREATED", "FINISHED")
+
+
+def _tasks_command(commands: Any) -> None:
+    tasks = commands.add_parser("tasks", help=TASKS_HELP, description=TASKS_HELP)
+    actions = tasks.add_subparsers(required=True, metavar="ACTION")
+
+    def action(name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = actions.add_parser(
+            name, help=help_text, description=help_text
+        )
+        sub.set_defaults(command=handler)
+        sub.add_argument("--url", default=DEFAULT_URL, help=f"the gateway (default {DEFAULT_URL})")
+        sub.add_argument(
+            "--api-key",
+            help="the key to send when the gateway has auth: keys",
+        )
+        return sub
+
+    listing = action(
+        "list", _tasks_list, "list a function's tasks: queued, then running, then ended"
+    )
+    listing.add_argument("function")
+    listing.add_argument("--status", choices=get_args(TaskStatusName), help="only these")
+    listing.add_argument("--tenant", help="only this tenant's tasks")
+    listing.add_argument("--json", action="store_true", help="one task JSON per line")
+    retry = action("retry", _tasks_retry, "run a failed, timed-out or canceled task again")
+    retry.add_argument("task_id", metavar="ID")
+    purge = action("purge", _tasks_purge, "cancel every task queued for a function")
+    purge.add_argument("function")
+
+
+def _tasks_list(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from runq.client import Client
+
+    with Client(args.url, api_key=args.api_key) as client:
+        cursor: str | None = None
+        if not args.json:
+            print(_task_row(TASK_COLUMNS))
+        while True:
+            page = client.tasks(
+                args.function, status=args.status, tenant=args.tenant, cursor=cursor
+            )
+            for task in page.tasks:
+                if args.json:
+                    print(json.dumps(asdict(task)), flush=True)
+                else:
+                    cells = (task.id, task.status, task.priority, task.attempts)
+                    print(_task_row((*cells, task.created_at, task.finished_at)), flush=True)
+            cursor = page.next_cursor
+            if cursor is None:
+                return 0
+
+
+# An id is 22 characters, a time in RQ's format 27.
+TASK_WIDTHS = (22, 9, 8, 8, 27, 27)
+
+
+def _task_row(cells: tuple[Any, ...]) -> str:
+    padded = (f"{'-' if c is None else c!s:<{w}}" for c, w in zip(cells, TASK_WIDTHS, strict=True))
+    return "  ".join(padded).rstrip()
+
+
+def _tasks_retry(args: argparse.Namespace) -> int:
+    from runq.client import Client
+
+    with Client(args.url, api_key=args.api_key) as client:
+        task = client.retry(args.task_id)
+    print(f"task {task.id} is {task.status} again (attempts so far: {task.attempts})")
+    return 0
+
+
+def _tasks_purge(args: argparse.Namespace) -> int:
+    from runq.client import Client
+
+    with Client(args.url, api_key=args.api_key) as client:
+        purged = client.purge(args.function)
+    print(f"purged {purged} queued task(s) of {args.function}: each ended canceled")
     return 0

@@ -32,6 +32,7 @@ from runq.errors import (
 )
 
 Priority = Literal["high", "normal", "low"]
+TaskStatusName = Literal["queued", "running", "succeeded", "failed", "timed_out", "canceled"]
 
 # A long-poll (predict, result?wait=) may hold its answer this long past its wait: the gateway
 # withdraws or reads the task, then answers. Also predict's default deadline beyond its timeout.
@@ -46,6 +47,8 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 # ... and those where the request surely never reached the gateway.
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# A purge takes only the queued tasks.
+_QUEUED = {"status": "queued"}
 
 _BY_CODE: dict[str, type[RunqError]] = {cls.code: cls for cls in error_classes()}
 # For answers without runq's error body (a proxy in between): the most general class of each
@@ -82,6 +85,15 @@ class Task:
         """Keys this version does not know are left out, so newer gateways still decode."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    """A page of a function's tasks; pass ``next_cursor`` as ``cursor`` for the next one (None:
+    this was the last)."""
+
+    tasks: list[Task]
+    next_cursor: str | None
 
 
 # retry policy ----------------------------------------------------------------------------------
@@ -189,6 +201,8 @@ class _Call:
     # A long-poll: the query parameter that holds the wait, and the wait asked for.
     wait_param: str | None = None
     wait_s: float | None = None
+    # Query parameters; those set to None are left out.
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 def _path(*parts: str) -> str:
@@ -266,6 +280,37 @@ def _canceled(response: httpx.Response, attempts: _Attempts) -> Task:
     raise error
 
 
+def _retried(response: httpx.Response, attempts: _Attempts) -> Task:
+    if response.status_code == 202:
+        return _task(response, attempts, 202)
+    error = _error(response, attempts)
+    task = error.details.get("task", {})
+    again = isinstance(task, dict) and task.get("status") in ("queued", "running")
+    if isinstance(error, Conflict) and again and attempts.maybe_done:
+        # An earlier attempt queued it again and its answer was lost on the way back.
+        return Task.from_json(task)
+    raise error
+
+
+def _page(response: httpx.Response, attempts: _Attempts) -> TaskPage:
+    if response.status_code != 200:
+        raise _error(response, attempts)
+    try:
+        body = response.json()
+        return TaskPage([Task.from_json(t) for t in body["tasks"]], body["next_cursor"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RunqError(f"not a page of tasks: HTTP 200 {response.text[:200]}") from exc
+
+
+def _purged(response: httpx.Response, attempts: _Attempts) -> int:
+    if response.status_code != 200:
+        raise _error(response, attempts)
+    try:
+        return int(response.json()["purged"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RunqError(f"not a purge's answer: HTTP 200 {response.text[:200]}") from exc
+
+
 def _deleted(response: httpx.Response, attempts: _Attempts) -> None:
     if response.status_code == 204 or (response.status_code == 404 and attempts.maybe_done):
         return
@@ -315,12 +360,14 @@ class _Base:
     ) -> httpx.Request:
         attempts.count += 1
         wait_s = None if call.wait_s is None else attempts.wait_s(call.wait_s)
-        params = {call.wait_param: wait_s} if call.wait_param and wait_s is not None else None
+        params = {k: v for k, v in call.params.items() if v is not None}
+        if call.wait_param and wait_s is not None:
+            params[call.wait_param] = wait_s
         return http.build_request(
             call.method,
             call.path,
             json=call.body,
-            params=params,
+            params=params or None,
             headers=call.headers,
             timeout=attempts.timeout(self.timeout, wait_s),
         )
@@ -408,6 +455,25 @@ class _Base:
     @staticmethod
     def _delete(task_id: str) -> _Call:
         return _Call("DELETE", _path("v1", "tasks", task_id))
+
+    @staticmethod
+    def _tasks(
+        function: str,
+        status: TaskStatusName | None,
+        tenant: str | None,
+        cursor: str | None,
+        limit: int | None,
+    ) -> _Call:
+        params = {"status": status, "tenant": tenant, "cursor": cursor, "limit": limit}
+        return _Call("GET", _path("v1", "functions", function, "tasks"), params=params)
+
+    @staticmethod
+    def _retry_call(task_id: str) -> _Call:
+        return _Call("POST", _path("v1", "tasks", task_id, "retry"))
+
+    @staticmethod
+    def _purge(function: str) -> _Call:
+        return _Call("DELETE", _path("v1", "functions", function, "tasks"), params=_QUEUED)
 
 
 # the clients -----------------------------------------------------------------------------------
@@ -508,6 +574,26 @@ class Client(_Base):
     def delete(self, task_id: str) -> None:
         _deleted(*self._send(self._delete(task_id)))
 
+    def tasks(
+        self,
+        function: str,
+        *,
+        status: TaskStatusName | None = None,
+        tenant: str | None = None,
+        cursor: str | None = None,
+        limit: int | None = None,
+    ) -> TaskPage:
+        """A page of the function's tasks (without outputs): queued, running, then ended."""
+        return _page(*self._send(self._tasks(function, status, tenant, cursor, limit)))
+
+    def retry(self, task_id: str) -> Task:
+        """Runs a failed, timed-out or canceled task again; returns it queued."""
+        return _retried(*self._send(self._retry_call(task_id)))
+
+    def purge(self, function: str) -> int:
+        """Cancels every task queued for ``function`` (an admin's call); returns how many."""
+        return _purged(*self._send(self._purge(function)))
+
 
 class AsyncClient(_Base):
     """``Client`` for asyncio: the same calls, awaited."""
@@ -596,3 +682,21 @@ class AsyncClient(_Base):
 
     async def delete(self, task_id: str) -> None:
         _deleted(*await self._send(self._delete(task_id)))
+
+    async def tasks(
+        self,
+        function: str,
+        *,
+        status: TaskStatusName | None = None,
+        tenant: str | None = None,
+        cursor: str | None = None,
+        limit: int | None = None,
+    ) -> TaskPage:
+        call = self._tasks(function, status, tenant, cursor, limit)
+        return _page(*await self._send(call))
+
+    async def retry(self, task_id: str) -> Task:
+        return _retried(*await self._send(self._retry_call(task_id)))
+
+    async def purge(self, function: str) -> int:
+        return _purged(*await self._send(self._purge(function)))

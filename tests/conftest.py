@@ -23,6 +23,7 @@ from tests.helpers import (
     SERVED,
     Proc,
     Receiver,
+    clear_function,
     free_port,
     start_gateway,
     start_worker,
@@ -85,6 +86,12 @@ def gateway(procs: Callable[..., Proc], valkey_url: str) -> str:
     return url
 
 
+@pytest.fixture(scope="session")
+def gateways(gateway: str, procs: Callable[..., Proc]) -> list[str]:
+    """The suite's gateway and two more processes like it."""
+    return [gateway, *(start_gateway(procs, env=GATEWAY_ENV) for _ in range(2))]
+
+
 @pytest.fixture
 def client(gateway: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=gateway, timeout=30) as http:
@@ -121,6 +128,14 @@ def served(procs: Callable[..., Proc], valkey_url: str) -> Iterator[tuple[str, P
     proc.stop()  # the next module's `runq serve` must count alone
     redis.delete("runq:deployed", "runq:deployed:version")
     redis.close()
+
+
+@pytest.fixture
+def parked(redis: Redis) -> Iterator[None]:
+    """`parked` starts each test with empty queues (every priority) and no worker."""
+    clear_function(redis, "parked")
+    yield
+    clear_function(redis, "parked")
 
 
 @pytest.fixture

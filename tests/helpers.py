@@ -107,6 +107,15 @@ def clear_function(redis: Redis, function: str) -> None:
     )
 
 
+# `parked` has no worker unless a test starts one (the `parked` fixture empties its queue).
+PARKED_QUEUE = "rq:queue:runq.parked"
+
+
+def ran(redis: Redis) -> list[str]:
+    """What `parked` ran, in order."""
+    return [x.decode() for x in redis.lrange(RAN_KEY.format("parked"), 0, -1)]
+
+
 def queued(redis: Redis, function: str) -> int:
     return sum(redis.llen(f"rq:queue:runq.{function}{s}") for s in PRIORITY_SUFFIXES)
 
@@ -383,10 +392,11 @@ def runq_cli(*args: str, redis_url: str) -> subprocess.CompletedProcess[str]:
     return run_runq(*args, "--redis-url", redis_url)
 
 
-def submit_tasks(url: str, function: str, count: int, settings: FunctionSettings) -> None:
-    """``count`` tasks (input 1) admitted as the gateway admits them, pipelined: fast in bulk."""
+def submit_tasks(url: str, function: str, count: int, settings: FunctionSettings) -> list[str]:
+    """``count`` tasks (input 1) admitted as the gateway admits them, pipelined: fast in bulk;
+    returns their ids in the order they were queued."""
 
-    async def run() -> list[Reply]:
+    async def run() -> list[tuple[Reply, str]]:
         redis = async_redis(url)
         enqueue = Enqueue(redis, idempotency_ttl_s=60)
         with Redis.from_url(url) as job_connection:
@@ -408,8 +418,11 @@ def submit_tasks(url: str, function: str, count: int, settings: FunctionSettings
                 for _ in range(count)
             ]
         try:
-            return [admitted.reply for admitted in await asyncio.gather(*map(enqueue, requests))]
+            admitted = await asyncio.gather(*map(enqueue, requests))
+            return [(a.reply, a.value) for a in admitted]
         finally:
             await redis.aclose()
 
-    assert set(asyncio.run(run())) == {Reply.ENQUEUED}
+    replies = asyncio.run(run())
+    assert {reply for reply, _ in replies} == {Reply.ENQUEUED}
+    return [task_id for _, task_id in replies]

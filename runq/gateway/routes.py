@@ -54,6 +54,7 @@ from runq.gateway.strict import check_strict_json
 from runq.metrics import exposition
 from runq.queue import constants
 from runq.queue.figures import FunctionFigures
+from runq.queue.listing import CURSOR_MAX_CHARS, LIMIT_DEFAULT, LIMIT_MAX
 from runq.queue.replies import Answer, Ended
 from runq.queue.storage import ObjectStore
 from runq.queue.store import Admission, Admitted, TaskStore, new_task_id
@@ -64,6 +65,7 @@ from runq.settings import FunctionSettings, Settings, StrictNumbers
 RETRY_AFTER_PENDING_S = 1
 WEBHOOK_URL_MAX_CHARS = 2048
 REPLAYED_HEADER = "Idempotent-Replayed"
+TENANT_MAX_CHARS = 256
 
 Priority = Literal["high", "normal", "low"]
 
@@ -90,6 +92,19 @@ class TaskModel(BaseModel):
     tenant: str = Field(description="whose task it is (the API key's tenant)")
     output: Any = None
     error: dict[str, Any] | None = None
+
+
+class TaskPage(BaseModel):
+    """A page of a function's tasks (without outputs), and where the next one starts."""
+
+    tasks: list[TaskModel]
+    next_cursor: str | None = Field(
+        description="pass as `cursor` for the next page; null: this was the last"
+    )
+
+
+class Purged(BaseModel):
+    purged: int = Field(description="how many queued tasks were canceled")
 
 
 def install(app: FastAPI, served: dict[str, Served]) -> dict[str, Endpoint]:
@@ -511,6 +526,65 @@ async def unknown_function_call(fn: str, request: Request) -> None:
 _READ = [Depends(require("read"))]
 
 
+@router.get(
+    "/v1/functions/{fn}/tasks",
+    tags=["tasks"],
+    response_model=TaskPage,
+    summary="List a function's tasks, a page at a time",
+    dependencies=_READ,
+)
+async def list_tasks(
+    fn: str,
+    request: Request,
+    status: Annotated[TaskStatus | None, Query(description="only tasks with this status")] = None,
+    tenant: str | None = Query(
+        None,
+        min_length=1,
+        max_length=TENANT_MAX_CHARS,
+        description="only this tenant's tasks (an admin's choice; any other caller sees its own)",
+    ),
+    cursor: str | None = Query(
+        None,
+        min_length=1,
+        max_length=CURSOR_MAX_CHARS,
+        description="the previous page's next_cursor",
+    ),
+    limit: int = Query(LIMIT_DEFAULT, ge=1, le=LIMIT_MAX, description="most tasks in the page"),
+) -> Response:
+    """Queued tasks in the order they will run, then running ones, then ended ones, oldest
+    first. A page may hold fewer than ``limit`` tasks (even none) and still have a next one."""
+    if fn not in _served(request):
+        raise _unknown(request, fn)
+    caller = _tenant(request)
+    page = await _store(request).page(
+        fn,
+        status=status,
+        tenant=tenant if caller is None else caller,
+        cursor=cursor,
+        limit=limit,
+    )
+    # The tasks as every task route answers them (no output, no null error), unfiltered by the
+    # response model.
+    return JSONResponse({"tasks": page.tasks, "next_cursor": page.cursor})
+
+
+@router.delete(
+    "/v1/functions/{fn}/tasks",
+    tags=["tasks"],
+    response_model=Purged,
+    summary="Purge a function's queue: every queued task ends canceled",
+    dependencies=[Depends(require("admin"))],
+)
+async def purge_tasks(
+    fn: str,
+    request: Request,
+    status: Literal["queued"] = Query(description="which tasks: only `queued` is purged"),
+) -> dict[str, int]:
+    if fn not in _served(request):
+        raise _unknown(request, fn)
+    return {"purged": await _store(request).purge(fn)}
+
+
 @router.get("/v1/tasks/{task_id}", tags=["tasks"], response_model=TaskModel, dependencies=_READ)
 async def task_status(task_id: str, request: Request) -> Response:
     task = await _task_or_404(_store(request), task_id, _tenant(request), with_output=False)
@@ -571,6 +645,34 @@ async def cancel_task(task_id: str, request: Request) -> Response:
     if before not in ("queued", "started"):
         raise Conflict(f"task {task_id} has already ended ({task['status']})", task=task)
     return _task_response(task)
+
+
+@router.post(
+    "/v1/tasks/{task_id}/retry",
+    tags=["tasks"],
+    status_code=202,
+    response_model=TaskModel,
+    summary="Run a failed, timed-out or canceled task again (same id)",
+    responses={
+        409: {"description": "the task is queued, running or succeeded"},
+        503: {"description": "queue_full; retry after Retry-After"},
+    },
+    dependencies=[Depends(require("predict"))],
+)
+async def retry_task(task_id: str, request: Request) -> Response:
+    store = _store(request)
+    queue = await store.queue_of(task_id, _tenant(request))
+    if queue is None:
+        raise NotFound(f"no task {task_id}")
+    function = constants.function_of_queue(queue)
+    entry = _served(request).get(function)
+    if entry is None:
+        raise _unknown(request, function)
+    notes(request).task_id = task_id
+    task = await store.retry(task_id, queue, entry.settings, tenant=_tenant(request))
+    if task is None:
+        raise NotFound(f"no task {task_id}")
+    return _task_response(task, 202, Location=f"/v1/tasks/{task_id}")
 
 
 @router.delete("/v1/tasks/{task_id}", tags=["tasks"], status_code=204, dependencies=_READ)

@@ -54,6 +54,7 @@ RQ_EXECUTION_GRACE_S = 60
 STATUS_FIELD = "status"
 ORIGIN_FIELD = "origin"
 CREATED_AT_FIELD = "created_at"
+ENQUEUED_AT_FIELD = "enqueued_at"
 STARTED_AT_FIELD = "started_at"
 ENDED_AT_FIELD = "ended_at"
 HEARTBEAT_FIELD = "last_heartbeat"

@@ -17,17 +17,20 @@ from redis import Redis
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
-from runq.errors import IdempotencyConflict, QueueFull
+from runq.errors import Conflict, ErrorCode, IdempotencyConflict, QueueFull
 from runq.queue import constants, storage
-from runq.queue.cancel import Cancel
+from runq.queue.cancel import Cancel, Purge
 from runq.queue.delete import Delete
 from runq.queue.enqueue import Enqueue, Enqueued, Reply, Request
 from runq.queue.figures import AsyncFigures, FunctionFigures
+from runq.queue.listing import LIMIT_DEFAULT, Page, TaskList
+from runq.queue.retry import Outcome, Retry
 from runq.queue.storage import ClaimCheck, ObjectStore
 from runq.queue.tasks import (
     OUTPUT_REF,
     TaskStatus,
     deadline_passed_error,
+    error_json,
     field_text,
     new_job_fields,
     queued_view,
@@ -113,6 +116,9 @@ class TaskStore:
         self.cancel = Cancel(redis)
         self._delete = Delete(redis)
         self._figures = AsyncFigures(redis)
+        self._list = TaskList(redis)
+        self._retry = Retry(redis)
+        self._purge = Purge(redis)
 
     async def enqueue(
         self,
@@ -229,6 +235,50 @@ class TaskStore:
     async def figures(self, function: str) -> FunctionFigures:
         return await self._figures.read(function)
 
+    async def page(
+        self,
+        function: str,
+        *,
+        status: TaskStatus | None = None,
+        tenant: str | None = None,
+        cursor: str | None = None,
+        limit: int = LIMIT_DEFAULT,
+    ) -> Page:
+        """A page of the function's tasks; ``tenant`` None lists every tenant's."""
+        return await self._list.page(
+            function, status=status, tenant=tenant, cursor=cursor, limit=limit
+        )
+
+    async def retry(
+        self, task_id: str, queue: str, settings: FunctionSettings, *, tenant: str | None
+    ) -> dict[str, Any] | None:
+        """Queues a failed, timed-out or canceled task again; returns it, or None when there
+        is no such task (or it is not ``tenant``'s, when given). Raises QueueFull under the
+        function's cap, Conflict for a task that has not ended or succeeded."""
+        retried = await self._retry(task_id, queue, max_queue=settings.max_queue, tenant=tenant)
+        if retried.outcome == Outcome.MISSING:
+            return None
+        if retried.outcome == Outcome.FULL:
+            function = constants.function_of_queue(queue)
+            raise _queue_full(function, settings, float(retried.value))
+        task = await self.read(task_id, with_output=False)
+        if task is None:
+            return None
+        if retried.outcome == Outcome.NOT_ENDED:
+            if task["status"] == TaskStatus.CANCELED:
+                message = f"task {task_id} was canceled while it ran, and its run goes on"
+                raise Conflict(f"{message}; retry once it stops", task=task)
+            raise Conflict(
+                f"task {task_id} is {task['status']}: only a failed, timed-out or canceled "
+                "task runs again",
+                task=task,
+            )
+        return task
+
+    async def purge(self, function: str) -> int:
+        """Cancels every task queued for ``function``; returns how many."""
+        return await self._purge(function, _PURGED)
+
 
 def _refused(function: str, settings: FunctionSettings, enqueued: Enqueued) -> Admitted:
     """The key's task when replayed; raises for every other answer but ENQUEUED."""
@@ -241,10 +291,17 @@ def _refused(function: str, settings: FunctionSettings, enqueued: Enqueued) -> A
             "Idempotency-Key is already taken by a request with a different body; "
             "use a new key for a new request"
         )
-    raise QueueFull(
+    raise _queue_full(function, settings, float(held))
+
+
+def _queue_full(function: str, settings: FunctionSettings, drain_rate: float) -> QueueFull:
+    return QueueFull(
         f"function {function!r} already has {settings.max_queue} queued tasks",
-        retry_after_s=retry_after_s(float(held), settings.max_queue),
+        retry_after_s=retry_after_s(drain_rate, settings.max_queue),
     )
+
+
+_PURGED = error_json(ErrorCode.CANCELED, "purged from the queue")
 
 
 def _overdue_in_queue(fields: Mapping[bytes, bytes]) -> bool:

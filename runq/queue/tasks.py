@@ -121,7 +121,7 @@ def new_job_fields(
         connection, function, priority, settings.result_ttl_s, math.ceil(settings.timeout_s)
     )
     fields = dict(template)
-    fields[constants.CREATED_AT_FIELD] = fields["enqueued_at"] = utcformat(now())
+    fields[constants.CREATED_AT_FIELD] = fields[constants.ENQUEUED_AT_FIELD] = utcformat(now())
     # A stored input leaves only its key in the job hash.
     fields["data"] = job_data(b"null" if input_ref else payload_json)
     if reply_to is not None:

@@ -36,12 +36,6 @@ def calls(redis: Redis, function: str) -> list[list[object]]:
     return [json.loads(raw) for raw in redis.lrange(CALLS_KEY.format(function), 0, -1)]
 
 
-@pytest.fixture(scope="module")
-def gateways(gateway: str, procs: Callable[..., Proc]) -> list[str]:
-    """The suite's gateway and two more processes like it."""
-    return [gateway, *(start_gateway(procs, env=GATEWAY_ENV) for _ in range(2))]
-
-
 def post_all(
     requests: list[tuple[str, dict[str, object]]], **kwargs: object
 ) -> list[httpx.Response]:

@@ -14,22 +14,15 @@ from redis import Redis
 from rq import Queue
 
 from runq.queue.constants import WAIT_EXISTS_INTERVAL_S
-from tests.fns import RAN_KEY
-from tests.helpers import GATEWAY_ENV, Proc, start_gateway, start_worker, wait_until
-
-PARKED_QUEUE = "rq:queue:runq.parked"
-
-
-@pytest.fixture
-def parked(redis: Redis) -> Iterator[None]:
-    """`parked` starts each test with an empty queue and no worker."""
-    redis.delete(PARKED_QUEUE, RAN_KEY.format("parked"))
-    yield
-    redis.delete(PARKED_QUEUE)
-
-
-def ran(redis: Redis) -> list[str]:
-    return [x.decode() for x in redis.lrange(RAN_KEY.format("parked"), 0, -1)]
+from tests.helpers import (
+    GATEWAY_ENV,
+    PARKED_QUEUE,
+    Proc,
+    ran,
+    start_gateway,
+    start_worker,
+    wait_until,
+)
 
 
 def post_raw(client: httpx.Client, path: str, body: bytes | Iterator[bytes]) -> httpx.Response:

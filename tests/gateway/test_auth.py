@@ -397,3 +397,36 @@ def test_a_verified_key_is_looked_up_again_only_once_its_cache_time_is_over(
                 await connection.aclose()
 
         asyncio.run(run())
+
+
+def test_task_views_show_a_tenant_its_own_tasks_and_purge_is_an_admins(
+    gateways: tuple[Gateway, Gateway], keys: Keys
+) -> None:
+    url = gateways[0].url
+    # `admitted` has no worker: the tasks stay queued, to be listed and purged.
+    mine = [
+        call(url, "POST", "/v1/functions/admitted/tasks", key, json={"input": i}).json()["id"]
+        for i, key in enumerate((keys.acme, keys.globex, keys.acme))
+    ]
+
+    def listed(key: str, query: str = "") -> list[str]:
+        path = f"/v1/functions/admitted/tasks?status=queued&limit=500{query}"
+        answer = call(url, "GET", path, key)
+        assert answer.status_code == 200, answer.text
+        return [task["id"] for task in answer.json()["tasks"]]
+
+    assert set(listed(keys.acme)) & set(mine) == {mine[0], mine[2]}
+    # Asking for another tenant's tasks shows a tenant still only its own.
+    assert set(listed(keys.globex, "&tenant=acme")) & set(mine) == {mine[1]}
+    assert set(listed(keys.admin, "&tenant=globex")) & set(mine) == {mine[1]}
+    assert set(listed(keys.admin)) >= set(mine)
+    # A failed task of acme's: globex cannot retry it, nor learn that it exists.
+    failed = call(url, "POST", "/v1/functions/fails/predict", keys.acme, json={"input": "boom"})
+    failed_id = failed.json()["error"]["task_id"]
+    assert call(url, "POST", f"/v1/tasks/{failed_id}/retry", keys.globex).status_code == 404
+    assert call(url, "POST", f"/v1/tasks/{failed_id}/retry", keys.read_only).status_code == 403
+    assert call(url, "POST", f"/v1/tasks/{failed_id}/retry", keys.acme).status_code == 202
+    purge = "/v1/functions/admitted/tasks?status=queued"
+    assert call(url, "DELETE", purge, keys.acme).status_code == 403
+    assert call(url, "DELETE", purge, keys.admin).json()["purged"] >= len(mine)
+    assert not set(listed(keys.admin)) & set(mine)

@@ -8,8 +8,7 @@ from collections.abc import Callable
 import httpx
 from redis import Redis
 
-from tests.gateway.test_api import PARKED_QUEUE
-from tests.helpers import Proc, start_worker, wait_until
+from tests.helpers import PARKED_QUEUE, Proc, start_worker, wait_until
 
 WAITERS = 1000
 
