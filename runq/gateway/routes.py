@@ -214,6 +214,7 @@ def _function_routes(app: FastAPI, name: str, entry: Served) -> Endpoint:
         response_model=models.task,
         responses={
             202: {"description": "on_timeout=poll and not done yet: poll the task's result"},
+            429: {"description": "rate_limited or quota_exceeded; retry after Retry-After"},
             503: {"description": "queue_full or overloaded; retry after Retry-After"},
             504: {"description": "timed out; the body names the task id"},
         },
@@ -227,7 +228,10 @@ def _function_routes(app: FastAPI, name: str, entry: Served) -> Endpoint:
         summary=f"Submit a background task to {name}",
         dependencies=[Depends(check_json_content_type)],
         response_model=TaskModel,
-        responses={503: {"description": "queue_full; retry after Retry-After"}},
+        responses={
+            429: {"description": "rate_limited or quota_exceeded; retry after Retry-After"},
+            503: {"description": "queue_full; retry after Retry-After"},
+        },
     )
     app.add_api_route(f"/v1/functions/{name}", describe, methods=["GET"], tags=[tag])
     return _lean_predict(entry, models)
@@ -354,7 +358,6 @@ async def _admit_and_wait(
         withdrawn = await _withdraw(
             store,
             task_id,
-            constants.queue_name(entry.function.name, admission.priority),
             error_json(ErrorCode.CANCELED, "predict's caller hung up before it started"),
         )
         fate = "it never started and was withdrawn" if withdrawn else "it goes on running"
@@ -417,7 +420,6 @@ async def _give_up(
     withdrawn = await _withdraw(
         store,
         task_id,
-        constants.queue_name(task["function"], task["priority"]),
         # The same end as a deadline that passes in the queue: nobody waits for an answer now.
         error_json(ErrorCode.TIMED_OUT, f"predict timed out after {wait_s} s before it started"),
     )
@@ -426,8 +428,12 @@ async def _give_up(
     return message + "; it is still running"
 
 
-async def _withdraw(store: TaskStore, task_id: str, queue: str, error: str) -> bool:
+async def _withdraw(store: TaskStore, task_id: str, error: str) -> bool:
     """Ends a predict's task that has not started yet; False if it had."""
+    # Its queue is its tenant's: read, not rebuilt from the function and priority.
+    queue = await store.queue_of(task_id)
+    if queue is None:
+        return False
     before = await store.cancel(task_id, queue, which="queued", error=error)
     return before == "queued"
 

@@ -10,7 +10,8 @@ from rq.utils import now, utcformat
 
 from runq.queue import constants, lua
 
-# A running task is marked canceled at once; the worker that runs it sees the change (WATCH)
+# A queued task leaves its queue and its quota's queued set. A running task is marked canceled
+# at once; the worker that runs it sees the change (WATCH)
 # and leaves the status alone when its batch ends. Waiters hear the bare task id on the task's
 # channel and on its reply channel, and re-read the task.
 # KEYS[1] job hash, KEYS[2] queue list, KEYS[3] canceled registry
@@ -34,6 +35,10 @@ end
 if status == QUEUED or (status == STARTED and ARGV[5] == 'any') then
   if status == QUEUED then
     redis.call('LREM', KEYS[2], 0, ARGV[1])
+    local quota = redis.call('HGET', KEYS[1], QUOTA)
+    if quota then
+      redis.call('ZREM', quota, ARGV[1])
+    end
   end
   local ttl = tonumber(redis.call('HGET', KEYS[1], RESULT_TTL) or DEFAULT_TTL_S)
   redis.call('HSET', KEYS[1], STATUS, CANCELED, ENDED_AT, ARGV[2], ERROR, ARGV[3])
@@ -54,6 +59,7 @@ return status
     ENDED_AT=constants.ENDED_AT_FIELD,
     ERROR=constants.ERROR_FIELD,
     REPLY_TO=constants.REPLY_TO_FIELD,
+    QUOTA=constants.QUOTA_FIELD,
     QUEUED=JobStatus.QUEUED.value,
     STARTED=JobStatus.STARTED.value,
     CANCELED=JobStatus.CANCELED.value,
