@@ -108,7 +108,8 @@ WAIT_EXISTS_INTERVAL_S = 1.0
 # The claim takes from the tenants in turn by stride scheduling: each has a pass (a virtual
 # time, field FAIR_TURN_PREFIX + tenant of the function's fair hash), advanced by 1/weight per
 # task taken; the lowest pass goes next, and a tenant that comes back from idle starts at the
-# current virtual time, with no credit saved up. Weights are per tenant, for every function (`runq tenants weight`).
+# current virtual time, with no credit saved up. Weights are per tenant, for every function
+# (`runq tenants weight`).
 TENANT_QUEUE_SEPARATOR = "@"
 TENANTS_PREFIX = RUNQ_PREFIX + "tenants:"
 TENANT_WEIGHTS_KEY = RUNQ_PREFIX + "tenant-weights"
