@@ -11,6 +11,7 @@ import subprocess
 import pytest
 from redis import Redis
 
+from runq.cli import main
 from runq.errors import ErrorCode
 from runq.queue import constants
 from runq.queue.cancel import Cancel
@@ -157,3 +158,36 @@ def test_a_tenants_queue_refilled_behind_runqs_back_is_claimed_after_maintenance
     assert taken(claim) == []
     assert Maintenance(redis, 60).run()
     assert taken(claim) == [task]
+
+
+def test_runq_tenants_sets_weights_and_lists_them_with_queued_tasks(
+    own_db: tuple[Redis, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    redis, url = own_db
+    redis.sadd(constants.FUNCTIONS_KEY, FUNCTION)
+    submit_tasks(url, FUNCTION, 2, SETTINGS, tenant="b")
+    submit_tasks(url, FUNCTION, 1, SETTINGS)
+
+    def runq(*args: str) -> tuple[int | str | None, str, str]:
+        with pytest.raises(SystemExit) as exited:
+            main(["tenants", *args, "--redis-url", url])
+        out, err = capsys.readouterr()
+        return exited.value.code, out, err
+
+    assert runq("weight", "heavy", "2.5") == (0, "tenant heavy: weight 2.5\n", "")
+    code, out, _ = runq("list")
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()]
+    assert rows == [
+        ["TENANT", "WEIGHT", "QUEUED"],
+        ["b", "1", "2"],
+        [constants.DEFAULT_TENANT, "1", "1"],
+        ["heavy", "2.5", "0"],
+    ]
+    # Back to the default weight: nothing left to list for it.
+    assert runq("weight", "heavy", "1")[0] == 0
+    assert "heavy" not in runq("list")[1]
+    code, _, err = runq("weight", "heavy", "0")
+    assert code == 2
+    assert "a weight is a number from 0.001 to 1000, not 0" in err
+    assert runq("weight", "heavy")[0] == 2
