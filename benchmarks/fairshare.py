@@ -185,8 +185,8 @@ def flood_requests(redis_url: str, settings: FunctionSettings) -> list[Request]:
                 priority=constants.DEFAULT_PRIORITY,
                 reply_to=None,
                 connection=job_connection,
+                tenant=FLOOD_TENANT,
             )
-            fields[constants.TENANT_FIELD] = FLOOD_TENANT
             request = Request(
                 FUNCTION, new_task_id(), constants.DEFAULT_PRIORITY, fields, settings.max_queue
             )

@@ -60,6 +60,7 @@ from harness import (
 from lifecycle import bench_lifecycle, print_lifecycle
 from lifecycle import had_errors as lifecycle_had_errors
 from overload import bench_overload, print_overload
+from stages import bench_stages, print_stages
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -259,12 +260,27 @@ def bench_bare_echo(tmp: Path, bodies: Path, duration_s: float) -> list[LoadResu
     return _bench_echo_target(server, "bare", url, bodies, duration_s)
 
 
-def bench_runq_echo(tmp: Path, bodies: Path, duration_s: float) -> list[LoadResult]:
+def bench_runq_echo(
+    tmp: Path, bodies: Path, duration_s: float
+) -> tuple[list[LoadResult], dict[str, Any]]:
+    """The loads, then where a lone predict's time goes (benchmarks/stages.py)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1/functions/echo/predict"
     argv = runq_serve_argv("examples/echo.py", port)
     server = Server("runq serve examples/echo.py", argv, tmp / "runq_echo.log")
-    return _bench_echo_target(server, "runq", url, bodies, duration_s, ready_port=port)
+    stages: dict[str, Any] = {}
+
+    def split_lone_predicts() -> None:
+        assert server.process is not None
+        redis_url = redis_url_in_tree(server.process.pid)
+        if redis_url is not None:
+            body = json.loads(bodies.read_text().splitlines()[0])
+            stages.update(bench_stages(url, redis_url, body))
+
+    results = _bench_echo_target(
+        server, "runq", url, bodies, duration_s, ready_port=port, then=split_lone_predicts
+    )
+    return results, stages
 
 
 def _bench_echo_target(
@@ -274,6 +290,7 @@ def _bench_echo_target(
     bodies: Path,
     duration_s: float,
     ready_port: int | None = None,
+    then: Callable[[], None] | None = None,
 ) -> list[LoadResult]:
     body = json.loads(bodies.read_text().splitlines()[0])
     check = echo_check(url, body)
@@ -291,6 +308,8 @@ def _bench_echo_target(
                 results.append(result)
         finally:
             meter.close()
+        if then is not None:
+            then()
     report_problems(server)
     return results
 
@@ -567,11 +586,15 @@ def _run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         offline = bench_offline_embed(sentences_file, args.duration)
     if args.only in (None, "echo"):
         echo = bench_bare_echo(tmp, bodies, args.duration)
-        echo += bench_runq_echo(tmp, bodies, args.duration)
+        runq_echo, stages = bench_runq_echo(tmp, bodies, args.duration)
+        echo += runq_echo
         echo += bench_bare_echo(tmp, bodies, args.duration)
         ratios = echo_ratios(echo)
         print_echo(echo, ratios, args.duration)
-        results["echo"] = {"runs": [asdict(r) for r in echo], "ratios": ratios}
+        if stages:
+            bare_c1 = [r.p50_ms for r in echo if r.target == "bare" and r.concurrency == 1]
+            print_stages(stages, sum(bare_c1) / len(bare_c1))
+        results["echo"] = {"runs": [asdict(r) for r in echo], "ratios": ratios, "stages": stages}
     if args.only in (None, "embed"):
         served, batches = bench_runq_embed(tmp, bodies, args.duration)
         # The model alone again, after serving: the baseline is the mean of the two runs.

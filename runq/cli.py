@@ -68,16 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.set_defaults(command=handler)
         if target:
             sub.add_argument("target", help="path/to/file.py, module or module:attr")
-        sub.add_argument("--config", type=Path, help="YAML settings file (or RUNQ_CONFIG)")
-        sub.add_argument("--redis-url", help="Redis/Valkey URL (or RUNQ_REDIS_URL)")
-        sub.add_argument(
-            "--log-format", choices=_choices("log_format"), help="log lines (default text)"
-        )
-        sub.add_argument(
-            "--log-level",
-            choices=_choices("log_level"),
-            help="least severe level logged (default info)",
-        )
+        _common_options(sub)
         return sub
 
     for name, handler, help_text in (
@@ -114,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     deploy.add_argument("file", type=Path, help="YAML: functions: {NAME: {SETTING: VALUE}}")
     deploy.add_argument("target", help="the served target, to check the file against")
+    _keys_command(commands.add_parser("keys", help=KEYS_HELP, description=KEYS_HELP))
     tenants = command("tenants", _tenants, TENANTS_HELP, target=False)
     tenants.add_argument("action", choices=["list", "weight"], help="list, or weight NAME W")
     tenants.add_argument("name", nargs="?", help="weight: the tenant")
@@ -124,6 +116,19 @@ def _parser() -> argparse.ArgumentParser:
         help="weight: its share of claims against other tenants' (default 1)",
     )
     return parser
+
+
+def _common_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--config", type=Path, help="YAML settings file (or RUNQ_CONFIG)")
+    sub.add_argument("--redis-url", help="Redis/Valkey URL (or RUNQ_REDIS_URL)")
+    sub.add_argument(
+        "--log-format", choices=_choices("log_format"), help="log lines (default text)"
+    )
+    sub.add_argument(
+        "--log-level",
+        choices=_choices("log_level"),
+        help="least severe level logged (default info)",
+    )
 
 
 def _choices(setting: str) -> tuple[str, ...]:
@@ -213,6 +218,8 @@ def _gateway(args: argparse.Namespace) -> int:
 
     settings, _functions = _configured(args)
     _redis_url(settings, "gateway")
+    # Refused here, before uvicorn binds: a gateway never listens on a network without keys.
+    settings.auth_mode()
     # Inherited by uvicorn's worker processes.
     connections.raise_open_files_limit(settings.max_connections)
     # uvicorn's worker processes and reloader build the app from the environment.
@@ -370,6 +377,7 @@ def _serve(args: argparse.Namespace) -> int:
     from runq.embedded import EmbeddedValkey
 
     settings, functions = _configured(args)
+    settings.auth_mode()
     stop = _StopFlag()
     stop.install()
 
@@ -578,3 +586,100 @@ def _status(args: argparse.Namespace) -> int:
         status.watch(connection, args.watch, as_json=args.json, cold_start_budget_s=budget_s)
     except KeyboardInterrupt:
         return 0  # Ctrl-C is how a watch ends, not a failure.
+
+
+# keys ------------------------------------------------------------------------------------------
+
+KEYS_HELP = "create, list and revoke API keys (auth: keys), shared by every gateway on the Redis"
+
+
+def _keys_command(keys: argparse.ArgumentParser) -> None:
+    from runq.queue.keys import DEFAULT_SCOPES, SCOPES
+
+    actions = keys.add_subparsers(required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create", help="make a key; it is printed this once, and only its hash is kept"
+    )
+    create.set_defaults(command=_keys_create)
+    create.add_argument("--tenant", required=True, help="whose tasks the key's requests are")
+    create.add_argument(
+        "--scope",
+        action="append",
+        choices=SCOPES,
+        dest="scopes",
+        help=f"repeat for several (default: {' '.join(DEFAULT_SCOPES)})",
+    )
+    create.add_argument("--rate", type=float, help="requests per second allowed (a quota)")
+    create.add_argument("--max-queued", type=int, help="tasks it may have queued at once")
+    listing = actions.add_parser("list", help="every key: id, tenant, scopes; never the secret")
+    listing.set_defaults(command=_keys_list)
+    revoke = actions.add_parser("revoke", help="refuse a key on every gateway within a second")
+    revoke.set_defaults(command=_keys_revoke)
+    revoke.add_argument("key_id", metavar="ID", help="the key's id (`runq keys list`)")
+    for sub in (create, listing, revoke):
+        _common_options(sub)
+
+
+def _keys_connection(args: argparse.Namespace) -> Any:
+    from redis import Redis
+
+    return Redis.from_url(_redis_url(_settings(args), "keys"))
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from runq.queue.keys import DEFAULT_SCOPES, create_key
+
+    with _keys_connection(args) as connection:
+        key, record = create_key(
+            connection,
+            args.tenant,
+            tuple(args.scopes or DEFAULT_SCOPES),
+            rate_per_s=args.rate,
+            max_queued=args.max_queued,
+        )
+    # The key alone on stdout, for KEY=$(runq keys create ...); what it is on stderr.
+    print(key)
+    print(
+        f"created key {record.key_id} for tenant {record.tenant} "
+        f"(scopes: {' '.join(sorted(record.scopes))}); it is shown only this once",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    from runq.queue.keys import list_keys
+
+    with _keys_connection(args) as connection:
+        records = list_keys(connection)
+    rows = [("ID", "TENANT", "SCOPES", "RATE", "MAX_QUEUED", "CREATED", "REVOKED")]
+    for record in records:
+        rows.append(
+            (
+                record.key_id,
+                record.tenant,
+                ",".join(sorted(record.scopes)),
+                "-" if record.rate_per_s is None else f"{record.rate_per_s:g}/s",
+                "-" if record.max_queued is None else str(record.max_queued),
+                _when(record.created_at),
+                "-" if record.revoked_at is None else _when(record.revoked_at),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    return 0
+
+
+def _when(epoch_s: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from runq.queue.keys import revoke_key
+
+    with _keys_connection(args) as connection:
+        record = revoke_key(connection, args.key_id)
+    print(f"revoked key {record.key_id} of tenant {record.tenant}")
+    return 0

@@ -73,6 +73,8 @@ class Task:
     attempts: int = 0
     output: Any = None
     error: dict[str, Any] | None = None
+    # Whose task it is (the API key's tenant); None from a gateway that predates tenants.
+    tenant: str | None = None
 
     @property
     def ended(self) -> bool:

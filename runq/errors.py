@@ -14,6 +14,8 @@ class ErrorCode(StrEnum):
     CONFIG_ERROR = "config_error"
     TARGET_ERROR = "target_error"
     BAD_REQUEST = "bad_request"
+    UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     CONFLICT = "conflict"
@@ -92,6 +94,24 @@ class TargetError(ConfigError):
 class BadRequest(RunqError):
     status_code = 400
     code = ErrorCode.BAD_REQUEST
+
+
+class Unauthenticated(RunqError):
+    """No API key, or one that is unknown or revoked (auth: keys)."""
+
+    status_code = 401
+    code = ErrorCode.UNAUTHENTICATED
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(RunqError):
+    """A valid API key without the scope the route needs."""
+
+    status_code = 403
+    code = ErrorCode.FORBIDDEN
 
 
 class NotFound(RunqError):

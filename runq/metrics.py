@@ -43,25 +43,32 @@ class Metrics:
     tasks: Counter
     cold_starts: Counter
     predictions_dropped: Counter
+    # Whether request_duration and rejections carry a `tenant` label (metrics_tenant_label).
+    tenant_label: bool
 
 
 _metrics: Metrics | None = None
 
 
-def metrics(request_buckets: Sequence[float] | None = None) -> Metrics:
-    """This process's metrics, created on first use (with the request buckets from settings)."""
+def metrics(
+    request_buckets: Sequence[float] | None = None, *, tenant_label: bool = False
+) -> Metrics:
+    """This process's metrics, created on first use (with the request buckets and the tenant
+    label from settings)."""
     global _metrics
     if _metrics is None:
-        _metrics = _create(tuple(request_buckets or SECONDS_BUCKETS))
+        _metrics = _create(tuple(request_buckets or SECONDS_BUCKETS), tenant_label)
     return _metrics
 
 
-def _create(request_buckets: tuple[float, ...]) -> Metrics:
+def _create(request_buckets: tuple[float, ...], tenant_label: bool) -> Metrics:
+    # A label per tenant multiplies the series by the tenants: only when asked.
+    tenant = ["tenant"] if tenant_label else []
     return Metrics(
         request_duration=Histogram(
             "runq_request_duration_seconds",
             "Whole request as the caller saw it: queueing, batching wait and execution included",
-            ["function", "endpoint", "status"],
+            ["function", "endpoint", "status", *tenant],
             buckets=request_buckets,
         ),
         requests_in_progress=Gauge(
@@ -73,7 +80,7 @@ def _create(request_buckets: tuple[float, ...]) -> Metrics:
         rejections=Counter(
             "runq_rejections_total",
             "Requests refused before anything was enqueued",
-            ["function", "reason"],
+            ["function", "reason", *tenant],
         ),
         queue_wait=Histogram(
             "runq_queue_wait_seconds",
@@ -102,6 +109,7 @@ def _create(request_buckets: tuple[float, ...]) -> Metrics:
             "Sampled predictions not logged: the writer fell behind, or the write failed",
             ["function"],
         ),
+        tenant_label=tenant_label,
     )
 
 

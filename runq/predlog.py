@@ -28,13 +28,14 @@ MAX_BUFFERED = 10_000
 
 
 def prediction_record(
-    function: str, task_id: str, payload: Any, outcome: Outcome, latency_s: float
+    function: str, task_id: str, tenant: str, payload: Any, outcome: Outcome, latency_s: float
 ) -> dict[str, Any]:
     """One line of the log: the task's input and its output (or stored output's key, or error)."""
     record: dict[str, Any] = {
         "time": time.time(),
         "function": function,
         "task_id": task_id,
+        "tenant": tenant,
         "status": final_status(outcome).value,
         "latency_s": latency_s,
         "input": payload,

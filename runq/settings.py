@@ -7,6 +7,7 @@ misspelt setting that is silently ignored is worse than one that stops the start
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -176,6 +177,12 @@ class Settings(StrictNumbers):
     heartbeat_ttl_s: float = Field(8.0, ge=0.5, le=60)
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+    # keys: every request but /healthz, /readyz and the docs needs `Authorization: Bearer KEY`
+    # (`runq keys create`). Unset: off while the gateway binds a loopback address; binding any
+    # other refuses to start, so a gateway never faces a network open by mistake.
+    auth: Literal["keys", "off"] | None = None
+    # Request metrics carry a `tenant` label: one series per tenant, so off unless asked.
+    metrics_tenant_label: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     # FastAPI's native OpenTelemetry (traces, metrics and logs to the globally configured
@@ -252,6 +259,19 @@ class Settings(StrictNumbers):
                 )
         return self
 
+    def auth_mode(self) -> Literal["keys", "off"]:
+        """The effective `auth`; raises when it is unset and the gateway binds a non-loopback
+        address."""
+        if self.auth is not None:
+            return self.auth
+        if _is_loopback(self.host):
+            return "off"
+        raise ConfigError(
+            f"the gateway binds {self.host}, not a loopback address, and the setting `auth` is "
+            "unset: set auth to keys (RUNQ_AUTH=keys, then `runq keys create`) to require API "
+            "keys, or to off to serve without them"
+        )
+
     def function_settings(
         self,
         name: str,
@@ -279,6 +299,16 @@ class Settings(StrictNumbers):
                 f"settings name function(s) {', '.join(sorted(unknown))} that the target does "
                 f"not declare; declared: {', '.join(sorted(names))}"
             )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        # Any other host name may resolve to an address others reach.
+        return False
 
 
 def load_settings(

@@ -123,19 +123,16 @@ def tenant_fields(
     priority: str = constants.DEFAULT_PRIORITY,
     settings: FunctionSettings | None = None,
 ) -> dict[str, Any]:
-    """A new task's job hash as the gateway builds it, the tenant's field set unless it is
-    DEFAULT_TENANT's (input 1)."""
-    fields = new_job_fields(
+    """A new task's job hash as the gateway builds it (input 1)."""
+    return new_job_fields(
         function=function,
         settings=settings or FunctionSettings(),
         payload_json=b"1",
         priority=priority,
         reply_to=None,
         connection=connection,
+        tenant=tenant,
     )
-    if tenant != constants.DEFAULT_TENANT:
-        fields[constants.TENANT_FIELD] = tenant
-    return fields
 
 
 def hanging_request(url: str, request: bytes) -> socket.socket:

@@ -25,6 +25,7 @@ from runq.client import (
     MIN_ATTEMPT_S,
     Task,
     _Attempts,
+    _Call,
     _canceled,
     _deleted,
     _error,
@@ -560,6 +561,27 @@ def test_retry_after_is_honoured_capped_by_backoff_max_and_the_deadline() -> Non
     assert delays(retry.start(deadline_s=2), clock, "5") == []
 
 
+def test_a_429_waits_out_its_retry_after_within_the_deadline_and_401_403_are_not_retried() -> None:
+    clock = FakeClock()
+    with runq.Client("http://127.0.0.1:9") as client:
+        client._retry = policy(clock, jitter=0.1)
+        call = _Call("POST", "/v1/functions/echo/predict")
+        attempts = client._retry.start(deadline_s=10)
+        limited = httpx.Response(
+            429,
+            json={"error": {"code": "rate_limited", "message": "slow down"}},
+            headers={"Retry-After": "3"},
+        )
+        assert client._after(call, attempts, limited) == 3.0
+        clock.now += 7.5  # 2.5 s left: too little to wait 3 s and try again
+        assert client._after(call, attempts, limited) is None
+        assert _error(limited, attempts).status_code == 429
+        for status, kind in ((401, runq.Unauthenticated), (403, runq.Forbidden)):
+            refused = httpx.Response(status, json={"error": {"code": kind.code, "message": "no"}})
+            assert client._after(call, client._retry.start(deadline_s=10), refused) is None
+            assert type(_error(refused, attempts)) is kind
+
+
 def test_a_deadline_bounds_the_whole_call() -> None:
     clock = FakeClock()
     retry = policy(clock, retries=1000, backoff_max_s=1.0)
@@ -601,11 +623,15 @@ def test_answers_without_runq_bodies_still_map_to_typed_errors() -> None:
     error = _error(proxy, attempts)
     assert type(error) is runq.Unavailable and error.retry_after_s == 4
     assert error.details == {"attempts": 2} and "bad gateway" in error.message
+    # A proxy's own 401 (its code is none of runq's) is still the typed 401.
     denied = _error(
         httpx.Response(401, json={"error": {"code": "unauthorized", "message": "no"}}), attempts
     )
-    assert type(denied) is runq.RunqError
-    assert (denied.status_code, denied.code, denied.message) == (401, "unauthorized", "no")
+    assert type(denied) is runq.Unauthenticated
+    assert (denied.status_code, denied.message) == (401, "no")
+    odd = _error(httpx.Response(418, json={"error": {"code": "teapot", "message": "no"}}), attempts)
+    assert type(odd) is runq.RunqError
+    assert (odd.status_code, odd.code, odd.message) == (418, "teapot", "no")
     full = httpx.Response(
         503, json={"error": {"code": "queue_full", "message": "full"}}, headers={"Retry-After": "5"}
     )

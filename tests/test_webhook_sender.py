@@ -21,6 +21,7 @@ from redis.retry import Retry
 
 from runq.errors import ConfigError
 from runq.queue import constants
+from runq.queue.keys import create_key
 from runq.webhook_sender import WebhookSender
 from runq.webhooks import verify
 from tests.helpers import (
@@ -322,20 +323,24 @@ def test_webhooks_go_out_from_the_gateway_also_while_no_worker_is_alive(
 ) -> None:
     env = {"RUNQ_WEBHOOK_SECRET": E2E_SECRET, "RUNQ_WEBHOOK_ALLOW_PRIVATE": "true"}
     port = free_port()
-    gateway = procs("gateway", HOOKED, "--port", str(port), env=env)
+    # With keys, so the delivery names the task's tenant.
+    gateway = procs("gateway", HOOKED, "--port", str(port), env={**env, "RUNQ_AUTH": "keys"})
+    key, _ = create_key(redis, "hooks-tenant")
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for_gateway(gateway, url)
         worker = start_worker(procs, redis, "hooked", target=HOOKED, env=env)
         task = httpx.post(
-            f"{url}/v1/functions/hooked/tasks", json={"input": 14, "webhook": receiver.url}
+            f"{url}/v1/functions/hooked/tasks",
+            json={"input": 14, "webhook": receiver.url},
+            headers={"Authorization": f"Bearer {key}"},
         ).json()
         wait_until(lambda: receiver.requests, 20, "the task's webhook")
         headers, body = receiver.requests[0]
         assert verify(E2E_SECRET, headers["Runq-Signature"], body)
         posted = json.loads(body)
         assert posted["id"] == task["id"] and posted["status"] == "succeeded"
-        assert posted["output"] == 42
+        assert posted["output"] == 42 and posted["tenant"] == "hooks-tenant"
 
         # The pool scales to zero with a delivery still due (its first attempt failed, say).
         worker.stop()

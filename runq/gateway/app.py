@@ -18,11 +18,13 @@ from redis.exceptions import RedisError
 from runq import logs
 from runq.errors import ConfigError
 from runq.functions import Function, load_target
-from runq.gateway import connections, errors, routes
+from runq.gateway import auth, connections, errors, routes
+from runq.gateway.auth import Authenticate, KeyCache
 from runq.gateway.lean import LeanPaths
 from runq.gateway.limits import BodySizeLimit, InflightLimit
 from runq.gateway.observe import RequestMetrics
 from runq.gateway.routes import Served
+from runq.heap import freeze_startup_heap
 from runq.metrics import metrics
 from runq.queue import constants
 from runq.queue.connection import async_redis
@@ -41,6 +43,8 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
     if settings.redis_url is None:
         raise ConfigError("the gateway needs redis_url (--redis-url or RUNQ_REDIS_URL)")
     settings.check_functions(set(functions))
+    auth_mode = settings.auth_mode()
+    keys = KeyCache()
     served = {
         name: Served(fn, settings.function_settings(name, fn.declared))
         for name, fn in functions.items()
@@ -61,6 +65,7 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
         )
         waiter = TaskWaiter(redis, store)
         await waiter.start()
+        keys.connect(redis)
         app.state.redis = redis
         app.state.store = store
         app.state.waiter = waiter
@@ -73,6 +78,7 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
             _maintain(AsyncMaintenance(redis, settings.maintenance_interval_s)),
             name="runq-maintenance",
         )
+        freeze_startup_heap()
         try:
             yield
         finally:
@@ -99,12 +105,16 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
     app.state.settings = settings
     app.state.served = served
     app.state.inflight = InflightLimit(settings.max_inflight)
-    metrics(settings.request_bucket_bounds())
+    metrics(settings.request_bucket_bounds(), tenant_label=settings.metrics_tenant_label)
     errors.install(app)
     lean = routes.install(app, served)
     # Innermost of the middleware: in front of FastAPI's router, behind runq's limits and metrics.
     app.add_middleware(LeanPaths, endpoints=lean, answer_error=errors.answer)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    if auth_mode == "keys":
+        # Before the body is read: a caller without a valid key gets nothing but its 401.
+        app.add_middleware(Authenticate, keys=keys, answer_error=errors.answer)
+        auth.document(app)
     # Outermost, so a refused oversized body is measured and logged like any answer.
     app.add_middleware(RequestMetrics, functions=list(served))
     return app

@@ -70,8 +70,13 @@ def check_json_content_type(request: Request) -> None:
         )
 
 
-def lean_endpoint(body_model: type[BaseModel], handler: Handler) -> Endpoint:
+def lean_endpoint(
+    body_model: type[BaseModel], handler: Handler, guard: Callable[[Request], object]
+) -> Endpoint:
+    """``guard`` runs first, as the route's own dependencies do (the caller's scope)."""
+
     async def predict(request: Request) -> Response:
+        guard(request)
         check_json_content_type(request)
         raw = await _json(request)
         errors: list[dict[str, Any]] = []

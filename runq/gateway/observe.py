@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runq.metrics import metrics
+from runq.queue import constants
 
 logger = logging.getLogger("runq.access")
 
@@ -47,6 +48,8 @@ class RequestNotes:
     function: str | None = None
     # Why it was refused before anything was enqueued (an error code).
     rejection: str | None = None
+    # The caller's tenant once its API key is verified (auth: keys).
+    tenant: str | None = None
 
 
 def notes(request: Request) -> RequestNotes:
@@ -131,8 +134,17 @@ def _in_progress(function: str, endpoint: str) -> Gauge:
 
 
 @functools.lru_cache(maxsize=1024)
-def _duration(function: str, endpoint: str, status: int) -> Histogram:
-    return metrics().request_duration.labels(function, endpoint, str(status))
+def _duration(function: str, endpoint: str, status: int, tenant: str | None) -> Histogram:
+    labels = (function, endpoint, str(status))
+    return metrics().request_duration.labels(*labels, *_tenant_label(tenant))
+
+
+def _tenant_label(tenant: str | None) -> tuple[str, ...]:
+    """The tenant label's value when metrics carry one (metrics_tenant_label): the caller's
+    tenant, the default one with auth off (None), empty for a caller without a valid key."""
+    if not metrics().tenant_label:
+        return ()
+    return (constants.DEFAULT_TENANT if tenant is None else tenant,)
 
 
 def _observe(
@@ -144,8 +156,8 @@ def _observe(
     elapsed_s: float,
 ) -> None:
     if noted.rejection is not None:
-        metrics().rejections.labels(function, noted.rejection).inc()
-    _duration(function, endpoint, status).observe(elapsed_s)
+        metrics().rejections.labels(function, noted.rejection, *_tenant_label(noted.tenant)).inc()
+    _duration(function, endpoint, status, noted.tenant).observe(elapsed_s)
     task_id = noted.task_id
     logger.info(
         "%s %s %d %.1f ms%s request %s",
@@ -164,5 +176,6 @@ def _observe(
             "status": status,
             "duration_ms": round(elapsed_s * 1000, 3),
             "task_id": task_id,
+            "tenant": noted.tenant,
         },
     )

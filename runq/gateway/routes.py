@@ -35,6 +35,7 @@ from runq.errors import (
     WorkerLost,
 )
 from runq.functions import Function
+from runq.gateway.auth import check_scope, principal, require
 from runq.gateway.hangup import HangUp
 from runq.gateway.lean import (
     IDEMPOTENCY_KEY_DOC,
@@ -86,6 +87,7 @@ class TaskModel(BaseModel):
     started_at: str | None
     finished_at: str | None
     attempts: int
+    tenant: str = Field(description="whose task it is (the API key's tenant)")
     output: Any = None
     error: dict[str, Any] | None = None
 
@@ -174,7 +176,11 @@ def _lean_predict(entry: Served, models: FunctionModels) -> Endpoint:
             request, entry, body, query.timeout, query.on_timeout, idempotency_key
         )
 
-    return lean_endpoint(models.predict, lean_predict)
+    return lean_endpoint(models.predict, lean_predict, _may_predict)
+
+
+def _may_predict(request: Request) -> None:
+    check_scope(request, "predict")
 
 
 def _function_routes(app: FastAPI, name: str, entry: Served) -> Endpoint:
@@ -201,7 +207,7 @@ def _function_routes(app: FastAPI, name: str, entry: Served) -> Endpoint:
         return await submit_task(request, entry, body, idempotency_key)
 
     async def describe(request: Request) -> dict[str, Any]:
-        return await _describe(_store(request), name, entry, _settings(request))
+        return await _describe(_store(request), name, entry, request)
 
     tag = f"function: {name}"
     app.add_api_route(
@@ -210,7 +216,7 @@ def _function_routes(app: FastAPI, name: str, entry: Served) -> Endpoint:
         methods=["POST"],
         tags=[tag],
         summary=f"Run {name} and wait for its output",
-        dependencies=[Depends(check_json_content_type)],
+        dependencies=[Depends(require("predict")), Depends(check_json_content_type)],
         response_model=models.task,
         responses={
             202: {"description": "on_timeout=poll and not done yet: poll the task's result"},
@@ -226,7 +232,7 @@ def _function_routes(app: FastAPI, name: str, entry: Served) -> Endpoint:
         tags=[tag],
         status_code=202,
         summary=f"Submit a background task to {name}",
-        dependencies=[Depends(check_json_content_type)],
+        dependencies=[Depends(require("predict")), Depends(check_json_content_type)],
         response_model=TaskModel,
         responses={
             429: {"description": "rate_limited or quota_exceeded; retry after Retry-After"},
@@ -257,6 +263,7 @@ async def predict_task(
         reply_to=waiter.reply_channel,
         idempotency_key=idempotency_key,
         body_digest=_body_digest(body, idempotency_key),
+        tenant=principal(request).tenant,
     )
     with _inflight(request).hold():
         admitted, task = await _admit_and_wait(
@@ -284,6 +291,7 @@ async def submit_task(
             idempotency_key=idempotency_key,
             body_digest=_body_digest(body, idempotency_key),
             webhook=webhook,
+            tenant=principal(request).tenant,
         ),
     )
     notes(request).task_id = admitted.task_id
@@ -444,15 +452,18 @@ def _replayed(response: Response, admitted: Admitted) -> Response:
     return response
 
 
-async def _describe(
-    store: TaskStore, name: str, entry: Served, settings: Settings
-) -> dict[str, Any]:
+async def _describe(store: TaskStore, name: str, entry: Served, request: Request) -> dict[str, Any]:
     figures = await store.figures(name)
-    return {
+    settings = _settings(request)
+    described: dict[str, Any] = {
         "name": name,
         "batch": entry.function.batch,
         "example": entry.function.example,
-        "settings": entry.settings.model_dump(),
+    }
+    # The settings (caps, quotas to come) are the operator's: admin keys only.
+    if principal(request).admin:
+        described["settings"] = entry.settings.model_dump()
+    return described | {
         "queued": figures.queued,
         "running": figures.running,
         # What an external scaler (KEDA's metrics-api) scales on.
@@ -488,8 +499,7 @@ router = APIRouter()
 async def list_functions(request: Request) -> dict[str, Any]:
     store = _store(request)
     served = sorted(_served(request).items())
-    settings = _settings(request)
-    return {"functions": [await _describe(store, name, entry, settings) for name, entry in served]}
+    return {"functions": [await _describe(store, name, entry, request) for name, entry in served]}
 
 
 @router.get("/v1/functions/{fn}", tags=["functions"], include_in_schema=False)
@@ -503,15 +513,21 @@ async def unknown_function_call(fn: str, request: Request) -> None:
     raise _unknown(request, fn)
 
 
-@router.get("/v1/tasks/{task_id}", tags=["tasks"], response_model=TaskModel)
+# Task routes answer another tenant's task exactly as a missing one: 404, the same body.
+_READ = [Depends(require("read"))]
+
+
+@router.get("/v1/tasks/{task_id}", tags=["tasks"], response_model=TaskModel, dependencies=_READ)
 async def task_status(task_id: str, request: Request) -> Response:
-    return _task_response(await _task_or_404(_store(request), task_id, with_output=False))
+    task = await _task_or_404(_store(request), task_id, _tenant(request), with_output=False)
+    return _task_response(task)
 
 
 @router.get(
     "/v1/tasks/{task_id}/result",
     tags=["tasks"],
     response_model=TaskModel,
+    dependencies=_READ,
     responses={202: {"description": "still pending; try again after Retry-After"}},
 )
 async def task_result(
@@ -527,12 +543,14 @@ async def task_result(
     wait_s = _checked_timeout(wait, None, settings, "wait")
     if wait_s > 0:
         with _inflight(request).hold():
-            ended = await _waiter(request).wait_any(task_id, wait_s, HangUp(request.receive))
+            ended = await _waiter(request).wait_any(
+                task_id, wait_s, HangUp(request.receive), tenant=_tenant(request)
+            )
         if ended is None:
             raise NotFound(f"no task {task_id}")
         task = ended.task() if isinstance(ended, Answer) else ended
     else:
-        task = await _task_or_404(_store(request), task_id, with_output=True)
+        task = await _task_or_404(_store(request), task_id, _tenant(request), with_output=True)
     notes(request).task_id = task_id
     notes(request).function = task["function"]
     if task["status"] not in TERMINAL:
@@ -544,31 +562,38 @@ async def task_result(
     return await _stored_output(_store(request).objects, task, output_ref, redirect_ttl_s)
 
 
-@router.post("/v1/tasks/{task_id}/cancel", tags=["tasks"], response_model=TaskModel)
+@router.post(
+    "/v1/tasks/{task_id}/cancel", tags=["tasks"], response_model=TaskModel, dependencies=_READ
+)
 async def cancel_task(task_id: str, request: Request) -> Response:
     store = _store(request)
-    queue = await store.queue_of(task_id)
+    queue = await store.queue_of(task_id, _tenant(request))
     if queue is None:
         raise NotFound(f"no task {task_id}")
     before = await store.cancel(
         task_id, queue, which="any", error=error_json(ErrorCode.CANCELED, "canceled")
     )
-    task = await _task_or_404(store, task_id, with_output=False)
+    task = await _task_or_404(store, task_id, None, with_output=False)
     if before not in ("queued", "started"):
         raise Conflict(f"task {task_id} has already ended ({task['status']})", task=task)
     return _task_response(task)
 
 
-@router.delete("/v1/tasks/{task_id}", tags=["tasks"], status_code=204)
+@router.delete("/v1/tasks/{task_id}", tags=["tasks"], status_code=204, dependencies=_READ)
 async def delete_task(task_id: str, request: Request) -> Response:
     store = _store(request)
-    queue = await store.queue_of(task_id)
+    queue = await store.queue_of(task_id, _tenant(request))
     if queue is None or not await store.delete(task_id, queue):
         raise NotFound(f"no task {task_id}")
     return Response(status_code=204)
 
 
-@router.get("/metrics", tags=["health"], response_class=Response)
+@router.get(
+    "/metrics",
+    tags=["health"],
+    response_class=Response,
+    dependencies=[Depends(require("admin"))],
+)
 async def prometheus_metrics(request: Request) -> Response:
     store = _store(request)
     rows = [(name, await store.figures(name)) for name in sorted(_served(request))]
@@ -597,11 +622,20 @@ def _unknown(request: Request, fn: str) -> NotFound:
     return NotFound(f"unknown function {fn!r}; served: {known}")
 
 
-async def _task_or_404(store: TaskStore, task_id: str, *, with_output: bool) -> dict[str, Any]:
+async def _task_or_404(
+    store: TaskStore, task_id: str, tenant: str | None, *, with_output: bool
+) -> dict[str, Any]:
+    """The task; 404 if there is none, or (``tenant`` given) it is another tenant's."""
     task = await store.read(task_id, with_output=with_output)
-    if task is None:
+    if task is None or (tenant is not None and task["tenant"] != tenant):
         raise NotFound(f"no task {task_id}")
     return task
+
+
+def _tenant(request: Request) -> str | None:
+    """The only tenant whose tasks the caller may reach; None: every tenant's (admin)."""
+    caller = principal(request)
+    return None if caller.admin else caller.tenant
 
 
 async def _stored_output(

@@ -36,8 +36,8 @@ from runq.queue.tasks import deadline_passed_error
 # ARGV[4] runq error JSON for tasks past their deadline, ARGV[5] max_concurrency (0: no cap),
 # ARGV[6] the claim's token, ARGV[7] 1 when it is sent again
 # Returns {started, expired ids, at_capacity, server now}: started is a list of
-# {id, execution id, flat job hash}; canceled or deleted tasks are skipped; at_capacity is 1
-# when every concurrency slot was taken.
+# {id, execution id, the execution's start (server time), flat job hash}; canceled or
+# deleted tasks are skipped; at_capacity is 1 when every concurrency slot was taken.
 CLAIM = lua.script(
     """
 local now = server_now()
@@ -48,7 +48,9 @@ if ARGV[7] == '1' and redis.call('HGET', KEYS[9], CLAIM_ID) == ARGV[6] then
     local key = JOB_PREFIX .. id
     local job = redis.call('HMGET', key, STATUS, WORKER_NAME)
     if job[1] == STARTED and job[2] == ARGV[2] then
-      started[#started + 1] = {id, execution, redis.call('HGETALL', key)}
+      local execution_key = EXECUTION_PREFIX .. id .. ':' .. execution
+      local began = redis.call('HGET', execution_key, CREATED_AT) or tostring(now)
+      started[#started + 1] = {id, execution, began, redis.call('HGETALL', key)}
     end
   end
   return {started, {}, 0, tostring(now)}
@@ -148,14 +150,19 @@ else
   end
 end
 local lease_until = now + LEASE_TTL_S
+-- The executions' start, to the microsecond, as RQ reads it and as the record passes it back.
+local began = string.format('%.6f', now)
 local started, expired, taken = {}, {}, {}
+-- Members to add, by key: one variadic call per key for the whole batch.
+local leases, runs = {}, {}
+local runs_ttl = 0
 for _, id in ipairs(ids) do
   local key = JOB_PREFIX .. id
   local held = redis.call('HMGET', key, STATUS, DEADLINE, RESULT_TTL, ORIGIN, TIMEOUT, REPLY_TO,
-                         QUOTA)
+                          ATTEMPTS, QUOTA)
   if held[1] == QUEUED then
-    if held[7] then
-      redis.call('ZREM', held[7], id)
+    if held[8] then
+      redis.call('ZREM', held[8], id)
     end
     local deadline = tonumber(held[2] or '')
     if deadline and deadline <= now then
@@ -169,11 +176,12 @@ for _, id in ipairs(ids) do
       end
       expired[#expired + 1] = id
     else
+      local attempt = (tonumber(held[7] or '0') or 0) + 1
       redis.call('HSET', key, STATUS, STARTED, STARTED_AT, ARGV[3], HEARTBEAT, ARGV[3],
-                 WORKER_NAME, ARGV[2])
-      local attempt = redis.call('HINCRBY', key, ATTEMPTS, 1)
+                 WORKER_NAME, ARGV[2], ATTEMPTS, attempt)
       redis.call('PERSIST', key)
-      redis.call('ZADD', KEYS[4], lease_until, id)
+      leases[#leases + 1] = lease_until
+      leases[#leases + 1] = id
       -- RQ's execution of this run: its id only needs to be unique per job.
       local execution = string.sub(redis.sha1hex(id .. ARGV[2] .. now .. attempt), 1, 32)
       local composite = id .. ':' .. execution
@@ -184,19 +192,24 @@ for _, id in ipairs(ids) do
       end
       local execution_key = EXECUTION_PREFIX .. composite
       redis.call('HSET', execution_key, EXECUTION_ID, execution, EXECUTION_JOB, id,
-                 CREATED_AT, now, HEARTBEAT, now, WORKER_NAME, ARGV[2])
+                 CREATED_AT, began, HEARTBEAT, now, WORKER_NAME, ARGV[2])
       redis.call('EXPIRE', execution_key, ttl)
       redis.call('ZADD', EXECUTIONS_PREFIX .. id, math.floor(now) + ttl + GRACE_S, execution)
       redis.call('EXPIRE', EXECUTIONS_PREFIX .. id, ttl + GRACE_S)
-      redis.call('ZADD', STARTED_PREFIX .. held[4], math.floor(now) + ttl, composite)
-      redis.call('SADD', KEYS[8], composite)
-      redis.call('EXPIRE', KEYS[8], ttl + GRACE_S)
-      started[#started + 1] = {id, execution, redis.call('HGETALL', key)}
+      add(runs, STARTED_PREFIX .. held[4], math.floor(now) + ttl, composite)
+      runs_ttl = math.max(runs_ttl, ttl + GRACE_S)
+      started[#started + 1] = {id, execution, began, redis.call('HGETALL', key)}
       taken[#taken + 1] = composite
     end
   end
 end
 if #started > 0 then
+  call_with('ZADD', KEYS[4], leases)
+  for registry, members in pairs(runs) do
+    call_with('ZADD', registry, members)
+  end
+  call_with('SADD', KEYS[8], taken)
+  redis.call('EXPIRE', KEYS[8], runs_ttl)
   redis.call('HSET', KEYS[7], WORKER_STATE, BUSY)
   redis.call('HSET', KEYS[9], CLAIM_ID, ARGV[6], CLAIM_TAKEN, table.concat(taken, ' '))
   redis.call('EXPIRE', KEYS[9], math.ceil(LEASE_TTL_S))
@@ -214,6 +227,7 @@ return {started, expired, at_capacity, tostring(now)}
 """,
     lua.SERVER_NOW,
     lua.DRAIN_RATE,
+    lua.VARIADIC,
     JOB_PREFIX=constants.RQ_JOB_PREFIX,
     CANCELED_PREFIX=constants.RQ_CANCELED_PREFIX,
     STARTED_PREFIX=constants.RQ_STARTED_PREFIX,
@@ -265,10 +279,12 @@ _DEADLINE_PASSED = deadline_passed_error()
 
 @dataclass(frozen=True)
 class Started:
-    """A task the claim marked started: its RQ execution's id and its job hash as it is now."""
+    """A task the claim marked started: its RQ execution (id, and start as the server wrote
+    it) and its job hash as it is now."""
 
     task_id: str
     execution_id: str
+    execution_started: str
     fields: RawHash
 
 
@@ -354,6 +370,6 @@ class Claim:
 
 
 def _started(row: list[Any]) -> Started:
-    task_id, execution_id, flat = row
+    task_id, execution_id, began, flat = row
     fields = dict(zip(flat[::2], flat[1::2], strict=True))
-    return Started(task_id.decode(), execution_id.decode(), fields)
+    return Started(task_id.decode(), execution_id.decode(), began.decode(), fields)

@@ -81,8 +81,7 @@ INPUT_REF_FIELD = "runq_input_ref"
 OUTPUT_REF_FIELD = "runq_output_ref"
 # Where to POST the task when it ends (submitted with "webhook").
 WEBHOOK_FIELD = "runq_webhook"
-# Whose task it is; absent on DEFAULT_TENANT's tasks (auth: off), whose keys are as they always
-# were.
+# The task's tenant; absent on tasks of DEFAULT_TENANT, whose layout and cost stay as they were.
 TENANT_FIELD = "tenant"
 DEFAULT_TENANT = "default"
 # The queued-tasks set of the quota the task was admitted under (Request.quota).
@@ -211,6 +210,14 @@ WEBHOOK_TIMEOUT_S = 5.0
 WEBHOOK_BACKOFF_S = 1.0
 WEBHOOK_BACKOFF_MAX_S = 300.0
 WEBHOOK_MAX_ATTEMPTS = 10
+
+# API keys (runq/queue/keys.py): a hash per key (runq:apikey:<key id>) holding its tenant,
+# scopes, quotas and the SHA-256 of the whole key, never the key; and the set of every key id.
+# Each gateway process keeps a key it verified for API_KEY_CACHE_S, so a predict costs no
+# lookup in steady state and a revoked key is refused everywhere within that time.
+API_KEY_PREFIX = RUNQ_PREFIX + "apikey:"
+API_KEYS_KEY = RUNQ_PREFIX + "apikeys"
+API_KEY_CACHE_S = 0.5
 
 # Registry maintenance (runq/queue/maintenance.py): whichever process holds this lock removes
 # the finished, failed and canceled registries' entries of tasks past their TTL, and RQ's
@@ -377,6 +384,10 @@ def canceled_registry_key(queue: str) -> str:
 
 def task_channel(task_id: str) -> str:
     return TASK_CHANNEL_PREFIX + task_id
+
+
+def api_key_key(key_id: str) -> str:
+    return API_KEY_PREFIX + key_id
 
 
 def webhook_key(task_id: str) -> str:

@@ -47,3 +47,34 @@ end
     DRAIN_RATE_FIELD=constants.DRAIN_RATE_FIELD,
     DRAIN_AT_FIELD=constants.DRAIN_AT_FIELD,
 )
+
+
+# Variadic calls for a whole batch: members gathered per key with add(), then sent by
+# call_with() in one command per key. unpack() is bounded by Lua's C stack (about 8,000
+# values), so a batch of thousands goes in slices.
+VARIADIC = script(
+    """
+local function add(groups, key, ...)
+  local members = groups[key]
+  if not members then
+    members = {}
+    groups[key] = members
+  end
+  for _, member in ipairs({...}) do
+    members[#members + 1] = member
+  end
+end
+local function call_with(command, key, members)
+  for first = 1, #members, UNPACK_MAX do
+    local last = math.min(first + UNPACK_MAX - 1, #members)
+    if key then
+      redis.call(command, key, unpack(members, first, last))
+    else
+      redis.call(command, unpack(members, first, last))
+    end
+  end
+end
+""",
+    # Even, so that score-member pairs are never split.
+    UNPACK_MAX=4000,
+)

@@ -40,7 +40,7 @@ from runq.queue.tasks import (
 )
 
 # Arguments per task, after the batch's own four.
-_TASK_ARGS = 10
+_TASK_ARGS = 11
 
 # KEYS[1] leases, KEYS[2] slot list, KEYS[3] the worker's RQ hash, KEYS[4] its executions set
 # ARGV[1] worker name, ARGV[2] ended_at (RQ's time format), ARGV[3] function name,
@@ -48,19 +48,21 @@ _TASK_ARGS = 10
 # its queue, result type (RQ's: 1 succeeded, 2 failed), return value (succeeded: RQ's
 # base64 JSON, '' for none) or error JSON, stored output's key ('' none) or RQ's exception
 # string, its line of the reply to its waiter (replies.py), the webhook body ('' none), stats
-# status field, stats latency bucket field.
+# status field, stats latency bucket field, the execution's start (from the claim).
 # Returns 1 or 0 per task: written, or no longer this worker's.
 RECORD = lua.script(
     """
 local now = server_now()
 local worker, ended_at = ARGV[1], ARGV[2]
 local replies, channels, written, counts = {}, {}, {}, {}
+-- Members to add or remove, by key: one variadic call per key for the whole batch.
+local finished, runs = {}, {}
+local executions, composites, ids = {}, {}, {}
 local succeeded, failed, ended = 0, 0, 0
 for i = 5, #ARGV, TASK_ARGS do
   local id, execution, queue, kind = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local key = JOB_PREFIX .. id
   local composite = id .. ':' .. execution
-  local execution_key = EXECUTION_PREFIX .. composite
   local held = redis.call('HMGET', key, STATUS, WORKER_NAME, RESULT_TTL, FAILURE_TTL, REPLY_TO,
                           WEBHOOK)
   local mine = held[1] == STARTED and held[2] == worker
@@ -74,9 +76,10 @@ for i = 5, #ARGV, TASK_ARGS do
       succeeded = succeeded + 1
       ttl = tonumber(held[3] or DEFAULT_TTL_S)
       registry = FINISHED_PREFIX .. queue
-      redis.call('HSET', key, STATUS, FINISHED, ENDED_AT, ended_at)
       if ARGV[i + 5] ~= '' then
-        redis.call('HSET', key, OUTPUT_REF, ARGV[i + 5])
+        redis.call('HSET', key, STATUS, FINISHED, ENDED_AT, ended_at, OUTPUT_REF, ARGV[i + 5])
+      else
+        redis.call('HSET', key, STATUS, FINISHED, ENDED_AT, ended_at)
       end
       if ARGV[i + 4] ~= '' then
         entry[#entry + 1] = 'return_value'
@@ -90,19 +93,16 @@ for i = 5, #ARGV, TASK_ARGS do
       entry[#entry + 1] = 'exc_string'
       entry[#entry + 1] = ARGV[i + 5]
     end
-    local started_at = redis.call('HGET', execution_key, CREATED_AT)
     entry[#entry + 1] = 'execution_id'
     entry[#entry + 1] = execution
-    if started_at then
-      entry[#entry + 1] = 'execution_started_at'
-      entry[#entry + 1] = started_at
-    end
+    entry[#entry + 1] = 'execution_started_at'
+    entry[#entry + 1] = ARGV[i + 10]
     entry[#entry + 1] = 'execution_ended_at'
     entry[#entry + 1] = now
     redis.call('XADD', results, 'MAXLEN', '~', RESULTS_MAX, '*', unpack(entry))
     redis.call('EXPIRE', results, ttl)
-    redis.call('ZADD', registry, math.floor(now) + ttl, id)
     redis.call('EXPIRE', key, ttl)
+    add(finished, registry, math.floor(now) + ttl, id)
     if held[5] then
       if not replies[held[5]] then
         replies[held[5]] = {}
@@ -124,12 +124,21 @@ for i = 5, #ARGV, TASK_ARGS do
     counts[ARGV[i + 9]] = (counts[ARGV[i + 9]] or 0) + 1
   end
   -- The run is over whoever owns the task now: its execution ends with it.
-  redis.call('DEL', execution_key)
-  redis.call('ZREM', STARTED_PREFIX .. queue, composite)
   redis.call('ZREM', EXECUTIONS_PREFIX .. id, execution)
-  redis.call('SREM', KEYS[4], composite)
-  redis.call('ZREM', KEYS[1], id)
+  add(runs, STARTED_PREFIX .. queue, composite)
+  executions[#executions + 1] = EXECUTION_PREFIX .. composite
+  composites[#composites + 1] = composite
+  ids[#ids + 1] = id
 end
+for registry, members in pairs(finished) do
+  call_with('ZADD', registry, members)
+end
+for registry, members in pairs(runs) do
+  call_with('ZREM', registry, members)
+end
+call_with('DEL', nil, executions)
+call_with('SREM', KEYS[4], composites)
+call_with('ZREM', KEYS[1], ids)
 if succeeded > 0 then
   redis.call('HINCRBY', KEYS[3], 'successful_job_count', succeeded)
 end
@@ -138,10 +147,12 @@ if failed > 0 then
 end
 local cap = tonumber(ARGV[4])
 if cap > 0 then
-  -- Wake as many workers as slots were freed; more tokens than slots wake no one new.
-  for _ = 1, #written do
-    redis.call('LPUSH', KEYS[2], '1')
+  -- Wake as many workers as slots were freed (more tokens than slots wake no one new).
+  local tokens = {}
+  for t = 1, math.min(#written, cap) do
+    tokens[t] = '1'
   end
+  call_with('LPUSH', KEYS[2], tokens)
   redis.call('LTRIM', KEYS[2], 0, cap - 1)
 end
 if ended > 0 then
@@ -159,6 +170,7 @@ end
 return written
 """,
     lua.SERVER_NOW,
+    lua.VARIADIC,
     TASK_ARGS=_TASK_ARGS,
     REPLY_SEPARATOR=replies.SEPARATOR,
     JOB_PREFIX=constants.RQ_JOB_PREFIX,
@@ -208,6 +220,7 @@ class Running:
 
     task_id: str
     execution_id: str
+    execution_started: str
     fields: RawHash
     # When it was created, epoch seconds (for latencies).
     created_s: float
@@ -217,7 +230,13 @@ class Running:
     @classmethod
     def claimed(cls, started: Started) -> Running:
         created = utcparse(started.fields[constants.CREATED_AT_FIELD.encode()].decode())
-        return cls(started.task_id, started.execution_id, started.fields, created.timestamp())
+        return cls(
+            started.task_id,
+            started.execution_id,
+            started.execution_started,
+            started.fields,
+            created.timestamp(),
+        )
 
     @property
     def queue(self) -> str:
@@ -286,6 +305,7 @@ def _task_args(task: Running, outcome: Outcome, ended_at: str, latency_s: float)
         webhook_body,
         str(final_status(outcome)),
         stats.bucket_field(latency_s),
+        task.execution_started,
     ]
 
 

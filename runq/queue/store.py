@@ -81,6 +81,8 @@ class Admission:
     body_digest: str = ""
     # Checked already (runq.webhooks.check_url).
     webhook: str | None = None
+    # Whose task it is: recorded on it, and the scope of its idempotency key.
+    tenant: str = constants.DEFAULT_TENANT
     # The caller's limits, when it has any.
     quota: Quota | None = None
 
@@ -139,6 +141,7 @@ class TaskStore:
             connection=self._job_connection,
             input_ref=input_ref,
             webhook=admission.webhook,
+            tenant=admission.tenant,
         )
         key = admission.idempotency_key
         enqueued = await self._enqueue(
@@ -150,7 +153,7 @@ class TaskStore:
                 max_queue=settings.max_queue,
                 start_within_s=admission.start_within_s,
                 finish_within_s=admission.finish_within_s,
-                key_digest=None if key is None else _digest(key),
+                key_digest=None if key is None else _key_digest(key, admission.tenant),
                 body_digest=admission.body_digest,
                 quota=admission.quota,
             )
@@ -203,11 +206,18 @@ class TaskStore:
             found = await pipe.execute()
         return [task_id for task_id, exists in zip(task_ids, found, strict=True) if not exists]
 
-    async def queue_of(self, task_id: str) -> str | None:
+    async def queue_of(self, task_id: str, tenant: str | None = None) -> str | None:
         """The RQ queue the task was enqueued on (its function and priority); None: no task of
-        runq's."""
-        queue = text(await self.redis.hget(constants.job_key(task_id), "origin"))
-        return queue if queue is not None and constants.is_runq_queue(queue) else None
+        runq's, or (``tenant`` given) not that tenant's."""
+        raw_queue, raw_tenant = await self.redis.hmget(
+            constants.job_key(task_id), constants.ORIGIN_FIELD, constants.TENANT_FIELD
+        )
+        queue = text(raw_queue)
+        if queue is None or not constants.is_runq_queue(queue):
+            return None
+        if tenant is not None and (text(raw_tenant) or constants.DEFAULT_TENANT) != tenant:
+            return None
+        return queue
 
     async def delete(self, task_id: str, queue: str) -> bool:
         refs = await self.redis.hmget(
@@ -262,6 +272,9 @@ def _overdue_in_queue(fields: Mapping[bytes, bytes]) -> bool:
     )
 
 
-def _digest(value: str) -> str:
-    # Keys are caller-chosen text of any length; their digest is a bounded, safe key name.
-    return hashlib.sha256(value.encode()).hexdigest()
+def _key_digest(key: str, tenant: str) -> str:
+    # Keys are caller-chosen text of any length; their digest is a bounded, safe key name. It
+    # covers the tenant, so two tenants' equal keys name two tasks; the default tenant's digest
+    # is the key's alone, as it was before tenants. Tenant names hold no newline.
+    scoped = key if tenant == constants.DEFAULT_TENANT else f"{tenant}\n{key}"
+    return hashlib.sha256(scoped.encode()).hexdigest()

@@ -109,6 +109,7 @@ def new_job_fields(
     connection: Redis,
     input_ref: str | None = None,
     webhook: str | None = None,
+    tenant: str = constants.DEFAULT_TENANT,
 ) -> dict[str, Any]:
     """The job hash of a new queued task, in RQ's layout.
 
@@ -129,6 +130,8 @@ def new_job_fields(
         fields[constants.INPUT_REF_FIELD] = input_ref
     if webhook is not None:
         fields[constants.WEBHOOK_FIELD] = webhook
+    if tenant != constants.DEFAULT_TENANT:
+        fields[constants.TENANT_FIELD] = tenant
     return fields
 
 
@@ -216,6 +219,10 @@ def reply_channel(fields: Mapping[bytes, bytes]) -> str | None:
     return field_text(fields, constants.REPLY_TO_FIELD)
 
 
+def tenant_of(fields: Mapping[bytes, bytes]) -> str:
+    return field_text(fields, constants.TENANT_FIELD) or constants.DEFAULT_TENANT
+
+
 def task_view(task_id: str, fields: Mapping[bytes, bytes]) -> dict[str, Any]:
     """The task JSON (without output) from its job hash."""
     error_raw = fields.get(constants.ERROR_FIELD.encode())
@@ -233,6 +240,7 @@ def task_view(task_id: str, fields: Mapping[bytes, bytes]) -> dict[str, Any]:
         "started_at": _timestamp(fields.get(b"started_at")),
         "finished_at": _timestamp(fields.get(b"ended_at")),
         "attempts": int(fields.get(constants.ATTEMPTS_FIELD.encode(), b"0")),
+        "tenant": tenant_of(fields),
     }
     if error is not None:
         task["error"] = error
@@ -250,6 +258,7 @@ def queued_view(task_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
         "started_at": None,
         "finished_at": None,
         "attempts": 0,
+        "tenant": fields.get(constants.TENANT_FIELD, constants.DEFAULT_TENANT),
     }
 
 

@@ -119,15 +119,23 @@ class TaskWaiter:
         return await self._store.read(task_id, with_output=True)
 
     async def wait_any(
-        self, task_id: str, timeout_s: float, interruption: Interruption | None = None
+        self,
+        task_id: str,
+        timeout_s: float,
+        interruption: Interruption | None = None,
+        *,
+        tenant: str | None = None,
     ) -> Ended | None:
-        """Long-poll a task whatever gateway submitted it, through its own channel."""
+        """Long-poll a task whatever gateway submitted it, through its own channel; None if
+        there is none, or (``tenant`` given) it is another tenant's, which is not waited on."""
         channel = constants.task_channel(task_id)
         future = self.expect(task_id)
         try:
             await self._subscribe(channel)
             # Read only once the subscription is live, so an end between the two is not missed.
             task = await self._store.read(task_id, with_output=True)
+            if task is not None and tenant is not None and task["tenant"] != tenant:
+                task = None
             if task is None or task["status"] in TERMINAL or timeout_s <= 0:
                 self.forget(task_id, future)
                 return task

@@ -28,6 +28,7 @@ from rq.worker import SimpleWorker
 from runq.background import Chore
 from runq.errors import ErrorCode, StorageError
 from runq.functions import Function
+from runq.heap import freeze_startup_heap
 from runq.metrics import metrics
 from runq.predlog import PredictionLog, prediction_record
 from runq.queue import constants, storage
@@ -47,6 +48,7 @@ from runq.queue.tasks import (
     finish_by,
     job_input,
     output_json,
+    tenant_of,
 )
 from runq.settings import FunctionSettings
 from runq.worker.collect import BatchCollector
@@ -121,6 +123,7 @@ class BatchWorker(SimpleWorker):
             time.monotonic() - started,
         )
         self.bootstrap(logging_level=None)
+        freeze_startup_heap()
         self.leases.start()
         if self.predictions is not None:
             self.predictions.start()
@@ -220,7 +223,12 @@ class BatchWorker(SimpleWorker):
             latency_s = ended - task.created_s
             log.add(
                 prediction_record(
-                    self.function.name, task.task_id, task.payload, outcome, latency_s
+                    self.function.name,
+                    task.task_id,
+                    tenant_of(task.fields),
+                    task.payload,
+                    outcome,
+                    latency_s,
                 )
             )
 

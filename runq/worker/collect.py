@@ -22,6 +22,10 @@ class BatchCollector:
         self.batched = function.batch
         self._claim = Claim(connection, function.name, worker_name)
         self._last_batch_size = 0
+        # The last claim took less than it asked for and had slots: the queue was empty then,
+        # and only a new task's wake token can bring work. The next look waits for one first
+        # (at once if one is there) instead of claiming an empty queue every batch.
+        self._drained = False
 
     @property
     def limit(self) -> int:
@@ -32,12 +36,15 @@ class BatchCollector:
     def collect(self, block_s: float) -> Claimed | None:
         """Takes a batch, waiting up to ``block_s`` for work or a free slot; None when idle."""
         limit = self.limit
+        if self._drained:
+            self._claim.wait_for_work(False, block_s)
         claimed = self._claim_batch(limit)
-        if claimed.empty:
+        if claimed.empty and not self._drained:
             self._claim.wait_for_work(claimed.at_capacity, block_s)
             claimed = self._claim_batch(limit)
-            if claimed.empty:
-                return None
+        if claimed.empty:
+            self._drained = not claimed.at_capacity
+            return None
         window_ends = time.monotonic() + self.settings.max_latency_ms / 1000
         # The window stays open only while batch-mates keep arriving, and only under concurrent
         # load (the last batch had company): a lone request, or a closed group of callers that
@@ -59,6 +66,7 @@ class BatchCollector:
             arriving = not more.empty
             claimed.extend(more)
         self._last_batch_size = len(claimed.started)
+        self._drained = self._last_batch_size < limit and not claimed.at_capacity
         return claimed
 
     def _claim_batch(self, wanted: int) -> Claimed:

@@ -100,10 +100,13 @@ def parse_runq_command(argv: list[str], env: Mapping[str, str]) -> argparse.Name
     args = parser.parse_args(argv)
     functions = declared(args.target)
     assert getattr(args, "function", None) in (None, *functions), argv
-    settings = load_settings(env=env)
+    settings = load_settings(cli={"host": getattr(args, "host", None)}, env=env)
     settings.check_functions(set(functions))
     for name, settings_declared in functions.items():
         settings.function_settings(name, settings_declared)
+    if argv[0] in ("gateway", "serve"):
+        # A gateway bound past loopback with `auth` unset would refuse to start.
+        settings.auth_mode()
     return args
 
 

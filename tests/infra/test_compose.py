@@ -65,7 +65,9 @@ def test_compose_gateway_is_published_and_health_checked_on_healthz() -> None:
     gateway = compose()["services"]["gateway"]
     assert gateway["command"][:2] == ["gateway", "examples/embed.py"]
     assert "--host" in gateway["command"] and "0.0.0.0" in gateway["command"]
-    assert "8000:8000" in gateway["ports"]
+    # Published on the host's loopback alone: the stack runs with `auth: off`.
+    assert "127.0.0.1:8000:8000" in gateway["ports"]
+    assert compose_env(gateway)["RUNQ_AUTH"] == "off"
     assert "/healthz" in " ".join(gateway["healthcheck"]["test"])
 
 

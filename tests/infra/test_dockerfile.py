@@ -9,6 +9,9 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from runq.errors import ConfigError
 from runq.settings import load_settings
 from tests.infra.helpers import (
     DOCKERIGNORE,
@@ -51,7 +54,10 @@ def test_image_is_python_slim_with_runq_as_entrypoint_serving_the_gateway_by_def
     assert json.loads(next(rest for i, rest in final if i == "ENTRYPOINT")) == ["runq"]
     command = json.loads(next(rest for i, rest in final if i == "CMD"))
     assert command[0] == "gateway"
-    parse_runq_command(command, image_env())
+    # Bound past loopback, the image's gateway will not start until it is told about keys.
+    with pytest.raises(ConfigError, match="`auth`"):
+        parse_runq_command(command, image_env())
+    parse_runq_command(command, {**image_env(), "RUNQ_AUTH": "keys"})
     assert "8000" in next(rest for i, rest in final if i == "EXPOSE").split()
 
 

@@ -62,7 +62,9 @@ def test_scaled_object_reads_demand_from_the_gateway_for_the_worker_function() -
     for other in deployments_running("worker"):
         assert not selector <= other["spec"]["template"]["metadata"]["labels"].items()
     gateway_ports = {p.get("name"): p["containerPort"] for p in container(gateway)["ports"]}
-    gateway_port = parse_runq_command(runq_argv(container(gateway)), {}).port
+    gateway_port = parse_runq_command(
+        runq_argv(container(gateway)), container_env(container(gateway))
+    ).port
     assert gateway_ports.get(port["targetPort"], port["targetPort"]) == gateway_port
     # targetValue is runq's per-replica target: target_per_replica, else max_batch_size.
     settings = function_settings(argv, container_env(worker), fn)

@@ -149,7 +149,7 @@ def test_predictions_are_logged_as_json_lines(stored: httpx.Client, s3_endpoint:
 
     records = wait_until(lambda: len(logged()) == 5 and logged(), 30, "the logged predictions")
     for record in records:
-        assert record["status"] == "succeeded"
+        assert record["status"] == "succeeded" and record["tenant"] == "default"
         assert record["output"] == record["input"][::-1]
         assert record["latency_s"] >= 0 and record["time"] <= time.time()
 

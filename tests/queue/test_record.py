@@ -1,0 +1,59 @@
+"""Recording a batch, as Redis and RQ see it."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from redis import Redis
+from rq.registry import FinishedJobRegistry, StartedJobRegistry
+
+from runq.queue import constants
+from runq.queue.claim import Claim
+from runq.queue.enqueue import ENQUEUE, Enqueue, Request
+from runq.queue.record import Recorder, Running
+from runq.queue.tasks import Outcome, new_job_fields
+from runq.settings import FunctionSettings
+from tests.helpers import clear_function
+
+# More tasks than one Lua call can take as arguments (unpack() stops near 8,000 values): the
+# record's variadic calls must go in slices.
+BIG_BATCH = 4_500
+
+
+def test_a_batch_too_big_for_one_variadic_call_is_recorded_whole(redis: Redis) -> None:
+    function, worker = "bigbatch", "record-test-worker"
+    clear_function(redis, function)
+    _queue(redis, function, BIG_BATCH)
+    claimed = Claim(redis, function, worker)(BIG_BATCH, None)
+    tasks = [Running.claimed(started) for started in claimed.started]
+    assert len(tasks) == BIG_BATCH
+    outcomes = [Outcome(output=i) for i in range(BIG_BATCH)]
+    written = Recorder(redis, function, worker).record(tasks, outcomes, max_concurrency=4)
+    assert written == outcomes
+    queue = constants.queue_name(function)
+    assert FinishedJobRegistry(queue, connection=redis).count == BIG_BATCH
+    assert StartedJobRegistry(queue, connection=redis).count == 0
+    assert redis.scard(constants.worker_executions_key(worker)) == 0
+    assert redis.zcard(constants.leases_key(function)) == 0
+    assert not redis.exists(*(f"rq:execution:{t.task_id}:{t.execution_id}" for t in tasks[:50]))
+    # A freed slot wakes a worker; more tokens than slots would wake no one new.
+    assert redis.llen(constants.slots_key(function)) == 4
+
+
+def _queue(redis: Redis, function: str, count: int) -> None:
+    # The admission script itself, in one pipeline: thousands of HTTP submits would be slow.
+    enqueue = Enqueue(aioredis.Redis(), idempotency_ttl_s=60)
+    script = redis.register_script(ENQUEUE)
+    with redis.pipeline(transaction=False) as pipe:
+        for i in range(count):
+            fields = new_job_fields(
+                function=function,
+                settings=FunctionSettings(),
+                payload_json=str(i).encode(),
+                priority=constants.DEFAULT_PRIORITY,
+                reply_to=None,
+                connection=redis,
+            )
+            request = Request(function, f"big{i}", constants.DEFAULT_PRIORITY, fields, count)
+            keys, args = enqueue._keys_and_args(request)
+            script(keys=keys, args=args, client=pipe)
+        pipe.execute()
