@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMTOOL := $(BIN)/promtool
 
-.PHONY: serve test test-all lint bench bench-peers bench-faults clean
+.PHONY: serve test test-all lint bench bench-peers bench-faults bench-fairshare clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ bench-peers: $(STAMP) $(PEERS_STAMP)
 # 60 s of load while Valkey (AOF) is stopped twice: what became of every task, and of runq.
 bench-faults: $(STAMP)
 	$(BIN)/python benchmarks/faults.py --duration 60
+
+# Tenant A floods 5,000 tasks while tenant B predicts 2/s: B's p99 and A's throughput against
+# each alone. Not part of `make test` or `make bench`.
+bench-fairshare: $(STAMP)
+	$(BIN)/python benchmarks/fairshare.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

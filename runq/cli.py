@@ -1,4 +1,5 @@
-"""`runq serve | gateway | worker | autoscale | status | config | deploy | tasks`: the entry
+"""`runq serve | gateway | worker | autoscale | status | config | deploy | keys | tasks |
+tenants`: the entry
 points, and the only place that exits."""
 
 from __future__ import annotations
@@ -107,6 +108,15 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("file", type=Path, help="YAML: functions: {NAME: {SETTING: VALUE}}")
     deploy.add_argument("target", help="the served target, to check the file against")
     _keys_command(commands.add_parser("keys", help=KEYS_HELP, description=KEYS_HELP))
+    tenants = command("tenants", _tenants, TENANTS_HELP, target=False)
+    tenants.add_argument("action", choices=["list", "weight"], help="list, or weight NAME W")
+    tenants.add_argument("name", nargs="?", help="weight: the tenant")
+    tenants.add_argument(
+        "weight",
+        nargs="?",
+        type=float,
+        help="weight: its share of claims against other tenants' (default 1)",
+    )
     _tasks_command(commands)
     return parser
 
@@ -501,6 +511,36 @@ def _deploy(args: argparse.Namespace) -> int:
     with Redis.from_url(redis_url) as connection:
         version = deploy(connection, wanted)
     print(f"deployed version {version}: {', '.join(sorted(wanted)) or 'no overrides'}")
+    return 0
+
+
+# tenants ---------------------------------------------------------------------------------------
+
+TENANTS_HELP = (
+    "set a tenant's fair-share weight (weight NAME W), or list tenants' weights and queued tasks"
+)
+
+
+def _tenants(args: argparse.Namespace) -> int:
+    from redis import Redis
+
+    from runq.queue import tenants
+
+    settings = _settings(args)
+    redis_url = _redis_url(settings, "tenants")
+    with Redis.from_url(redis_url) as connection:
+        if args.action == "weight":
+            if args.name is None or args.weight is None:
+                raise ConfigError("runq tenants weight needs a tenant and a weight: weight NAME W")
+            tenants.set_weight(connection, args.name, args.weight)
+            print(f"tenant {args.name}: weight {args.weight:g}")
+            return 0
+        if args.name is not None:
+            raise ConfigError("runq tenants list takes no tenant")
+        rows = tenants.tenants(connection)
+    print(f"{'TENANT':<24}  {'WEIGHT':>8}  {'QUEUED':>8}")
+    for row in rows:
+        print(f"{row.name:<24}  {row.weight:>8g}  {row.queued:>8}")
     return 0
 
 

@@ -25,6 +25,7 @@ import httpx
 from runq.errors import (
     Conflict,
     ConnectionFailed,
+    RetryLater,
     RunqError,
     Timeout,
     Unavailable,
@@ -50,7 +51,9 @@ NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 # A purge takes only the queued tasks.
 _QUEUED = {"status": "queued"}
 
-_BY_CODE: dict[str, type[RunqError]] = {cls.code: cls for cls in error_classes()}
+# The most general class of each code: a base that only groups others (RetryLater) keeps
+# RunqError's "internal" and must not take its place.
+_BY_CODE: dict[str, type[RunqError]] = {cls.code: cls for cls in reversed(list(error_classes()))}
 # For answers without runq's error body (a proxy in between): the most general class of each
 # status, and a proxy's failed hop read as the gateway being unavailable.
 _BY_STATUS: dict[int, type[RunqError]] = {
@@ -249,7 +252,7 @@ def _error(response: httpx.Response, attempts: _Attempts) -> RunqError:
         details["idempotency_key"] = attempts.idempotency_key
     cls = _BY_CODE.get(code) or _BY_STATUS.get(status, RunqError)
     error: RunqError
-    if issubclass(cls, Unavailable):
+    if issubclass(cls, RetryLater):
         hint = attempts.policy.retry_after(response.headers.get("retry-after"))
         error = cls(message, retry_after_s=1 if hint is None else round(hint), **details)
     else:

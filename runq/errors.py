@@ -27,6 +27,9 @@ class ErrorCode(StrEnum):
     MODEL_ERROR = "model_error"
     UNAVAILABLE = "unavailable"
     QUEUE_FULL = "queue_full"
+    # Over the caller's quota: its request rate, or its count of queued tasks.
+    RATE_LIMITED = "rate_limited"
+    QUOTA_EXCEEDED = "quota_exceeded"
     OVERLOADED = "overloaded"
     STORAGE_UNAVAILABLE = "storage_unavailable"
     CONNECTION_FAILED = "connection_failed"
@@ -171,9 +174,8 @@ class WorkerLost(RunqError):
     code = ErrorCode.WORKER_LOST
 
 
-class Unavailable(RunqError):
-    status_code = 503
-    code = ErrorCode.UNAVAILABLE
+class RetryLater(RunqError):
+    """Refused for now, nothing done: ``Retry-After`` (whole seconds) says when to ask again."""
 
     def __init__(self, message: str, retry_after_s: int = 1, **details: Any) -> None:
         super().__init__(message, **details)
@@ -182,6 +184,25 @@ class Unavailable(RunqError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class TooManyRequests(RetryLater):
+    """The caller is over its quota; other callers are served."""
+
+    status_code = 429
+
+
+class RateLimited(TooManyRequests):
+    code = ErrorCode.RATE_LIMITED
+
+
+class QuotaExceeded(TooManyRequests):
+    code = ErrorCode.QUOTA_EXCEEDED
+
+
+class Unavailable(RetryLater):
+    status_code = 503
+    code = ErrorCode.UNAVAILABLE
 
 
 class QueueFull(Unavailable):

@@ -98,9 +98,14 @@ OWN_DB = 12
 
 
 def clear_function(redis: Redis, function: str) -> None:
-    """Empties every priority queue of a worker-less function and what it recorded."""
+    """Empties every queue (each tenant's, each priority) of a worker-less function and what it
+    recorded."""
+    tenants = [t.decode() for t in redis.smembers(constants.tenants_key(function))]
     redis.delete(
         *(f"rq:queue:runq.{function}{suffix}" for suffix in PRIORITY_SUFFIXES),
+        *(key for tenant in tenants for key in constants.queue_keys(function, tenant)),
+        constants.tenants_key(function),
+        constants.fair_key(function),
         f"runq:wake:{function}",
         CALLS_KEY.format(function),
         RAN_KEY.format(function),
@@ -118,6 +123,25 @@ def ran(redis: Redis) -> list[str]:
 
 def queued(redis: Redis, function: str) -> int:
     return sum(redis.llen(f"rq:queue:runq.{function}{s}") for s in PRIORITY_SUFFIXES)
+
+
+def tenant_fields(
+    connection: Redis,
+    function: str,
+    tenant: str = constants.DEFAULT_TENANT,
+    priority: str = constants.DEFAULT_PRIORITY,
+    settings: FunctionSettings | None = None,
+) -> dict[str, Any]:
+    """A new task's job hash as the gateway builds it (input 1)."""
+    return new_job_fields(
+        function=function,
+        settings=settings or FunctionSettings(),
+        payload_json=b"1",
+        priority=priority,
+        reply_to=None,
+        connection=connection,
+        tenant=tenant,
+    )
 
 
 def hanging_request(url: str, request: bytes) -> socket.socket:
@@ -392,37 +416,38 @@ def runq_cli(*args: str, redis_url: str) -> subprocess.CompletedProcess[str]:
     return run_runq(*args, "--redis-url", redis_url)
 
 
-def submit_tasks(url: str, function: str, count: int, settings: FunctionSettings) -> list[str]:
-    """``count`` tasks (input 1) admitted as the gateway admits them, pipelined: fast in bulk;
-    returns their ids in the order they were queued."""
+def submit_tasks(
+    url: str,
+    function: str,
+    count: int,
+    settings: FunctionSettings,
+    *,
+    tenant: str = constants.DEFAULT_TENANT,
+    priority: str = constants.DEFAULT_PRIORITY,
+) -> list[str]:
+    """``count`` tasks (input 1) admitted as the gateway admits them, pipelined: fast in bulk.
+    Returns their ids, in admission order."""
 
     async def run() -> list[tuple[Reply, str]]:
         redis = async_redis(url)
         enqueue = Enqueue(redis, idempotency_ttl_s=60)
-        with Redis.from_url(url) as job_connection:
-            requests = [
-                Request(
-                    function=function,
-                    task_id=new_task_id(),
-                    priority=constants.DEFAULT_PRIORITY,
-                    fields=new_job_fields(
-                        function=function,
-                        settings=settings,
-                        payload_json=b"1",
-                        priority=constants.DEFAULT_PRIORITY,
-                        reply_to=None,
-                        connection=job_connection,
-                    ),
-                    max_queue=settings.max_queue,
-                )
-                for _ in range(count)
-            ]
         try:
             admitted = await asyncio.gather(*map(enqueue, requests))
             return [(a.reply, a.value) for a in admitted]
         finally:
             await redis.aclose()
 
+    with Redis.from_url(url) as job_connection:
+        requests = [
+            Request(
+                function=function,
+                task_id=new_task_id(),
+                priority=priority,
+                fields=tenant_fields(job_connection, function, tenant, priority, settings),
+                max_queue=settings.max_queue,
+            )
+            for _ in range(count)
+        ]
     replies = asyncio.run(run())
     assert {reply for reply, _ in replies} == {Reply.ENQUEUED}
     return [task_id for _, task_id in replies]

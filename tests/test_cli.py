@@ -162,7 +162,7 @@ def test_version_prints_the_installed_version(capsys: pytest.CaptureFixture[str]
 
 
 @pytest.mark.parametrize(
-    "command", ["serve", "gateway", "worker", "autoscale", "status", "config", "deploy"]
+    "command", ["serve", "gateway", "worker", "autoscale", "status", "config", "deploy", "tenants"]
 )
 def test_every_command_takes_log_level(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):

@@ -17,6 +17,7 @@ from runq.errors import (
     Overloaded,
     QueueFull,
     RunqError,
+    TooManyRequests,
     Unavailable,
     ValidationFailed,
 )
@@ -34,9 +35,10 @@ async def _runq_error(request: Request, exc: Exception) -> JSONResponse:
     task_id = exc.details.get("task_id")
     if task_id is not None:
         notes(request).task_id = str(task_id)
-    if isinstance(exc, QueueFull | Overloaded):
-        # Shedding load is the gateway working as configured: counted, and not logged beyond
-        # the request's own line, which would cost most when the gateway is busiest.
+    if isinstance(exc, QueueFull | Overloaded | TooManyRequests):
+        # Shedding load, or a caller over its quota, is the gateway working as configured:
+        # counted, and not logged beyond the request's own line, which would cost most when the
+        # gateway is busiest.
         notes(request).rejection = exc.code
     elif exc.status_code >= 500:
         logger.warning("%s: %s", exc.code, exc.message, extra=_logged(request))

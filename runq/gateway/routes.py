@@ -35,7 +35,7 @@ from runq.errors import (
     WorkerLost,
 )
 from runq.functions import Function
-from runq.gateway.auth import check_scope, principal, require
+from runq.gateway.auth import Principal, check_scope, principal, require
 from runq.gateway.hangup import HangUp
 from runq.gateway.lean import (
     IDEMPOTENCY_KEY_DOC,
@@ -53,6 +53,7 @@ from runq.gateway.observe import notes
 from runq.gateway.strict import check_strict_json
 from runq.metrics import exposition
 from runq.queue import constants
+from runq.queue.enqueue import Quota
 from runq.queue.figures import FunctionFigures
 from runq.queue.listing import CURSOR_MAX_CHARS, LIMIT_DEFAULT, LIMIT_MAX
 from runq.queue.replies import Answer, Ended
@@ -235,6 +236,7 @@ def _function_routes(app: FastAPI, name: str, entry: Served) -> Endpoint:
         response_model=models.task,
         responses={
             202: {"description": "on_timeout=poll and not done yet: poll the task's result"},
+            429: {"description": "rate_limited or quota_exceeded; retry after Retry-After"},
             503: {"description": "queue_full or overloaded; retry after Retry-After"},
             504: {"description": "timed out; the body names the task id"},
         },
@@ -248,7 +250,10 @@ def _function_routes(app: FastAPI, name: str, entry: Served) -> Endpoint:
         summary=f"Submit a background task to {name}",
         dependencies=[Depends(require("predict")), Depends(check_json_content_type)],
         response_model=TaskModel,
-        responses={503: {"description": "queue_full; retry after Retry-After"}},
+        responses={
+            429: {"description": "rate_limited or quota_exceeded; retry after Retry-After"},
+            503: {"description": "queue_full; retry after Retry-After"},
+        },
     )
     app.add_api_route(f"/v1/functions/{name}", describe, methods=["GET"], tags=[tag])
     return _lean_predict(entry, models)
@@ -275,6 +280,7 @@ async def predict_task(
         idempotency_key=idempotency_key,
         body_digest=_body_digest(body, idempotency_key),
         tenant=principal(request).tenant,
+        quota=_quota(principal(request)),
     )
     with _inflight(request).hold():
         admitted, task = await _admit_and_wait(
@@ -303,6 +309,7 @@ async def submit_task(
             body_digest=_body_digest(body, idempotency_key),
             webhook=webhook,
             tenant=principal(request).tenant,
+            quota=_quota(principal(request)),
         ),
     )
     notes(request).task_id = admitted.task_id
@@ -377,7 +384,6 @@ async def _admit_and_wait(
         withdrawn = await _withdraw(
             store,
             task_id,
-            constants.queue_name(entry.function.name, admission.priority),
             error_json(ErrorCode.CANCELED, "predict's caller hung up before it started"),
         )
         fate = "it never started and was withdrawn" if withdrawn else "it goes on running"
@@ -440,7 +446,6 @@ async def _give_up(
     withdrawn = await _withdraw(
         store,
         task_id,
-        constants.queue_name(task["function"], task["priority"]),
         # The same end as a deadline that passes in the queue: nobody waits for an answer now.
         error_json(ErrorCode.TIMED_OUT, f"predict timed out after {wait_s} s before it started"),
     )
@@ -449,8 +454,12 @@ async def _give_up(
     return message + "; it is still running"
 
 
-async def _withdraw(store: TaskStore, task_id: str, queue: str, error: str) -> bool:
+async def _withdraw(store: TaskStore, task_id: str, error: str) -> bool:
     """Ends a predict's task that has not started yet; False if it had."""
+    # Its queue is its tenant's: read, not rebuilt from the function and priority.
+    queue = await store.queue_of(task_id)
+    if queue is None:
+        return False
     before = await store.cancel(task_id, queue, which="queued", error=error)
     return before == "queued"
 
@@ -726,6 +735,14 @@ async def _task_or_404(
     if task is None or (tenant is not None and task["tenant"] != tenant):
         raise NotFound(f"no task {task_id}")
     return task
+
+
+def _quota(caller: Principal) -> Quota | None:
+    """The limits of the caller's key (`runq keys create --rate/--max-queued`), kept per key by
+    the admission script on every gateway at once."""
+    if caller.key_id is None or (caller.rate_per_s is None and caller.max_queued is None):
+        return None
+    return Quota(f"key:{caller.key_id}", rate_per_s=caller.rate_per_s, max_queued=caller.max_queued)
 
 
 def _tenant(request: Request) -> str | None:

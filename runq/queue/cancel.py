@@ -10,10 +10,11 @@ from rq.job import JobStatus
 from rq.utils import now, utcformat
 
 from runq.queue import constants, lua
+from runq.queue.tasks import text
 
 # Ends a task as canceled, as every cancel does: kept readable for its result TTL in RQ's
-# canceled registry. Waiters hear the bare task id on the task's channel and on its reply
-# channel, and re-read the task.
+# canceled registry, and out of its quota's queued set (if it was still counted there).
+# Waiters hear the bare task id on the task's channel and on its reply channel, and re-read it.
 END_CANCELED = lua.script(
     """
 local function end_canceled(key, registry, id, ended_at, error, now)
@@ -21,6 +22,10 @@ local function end_canceled(key, registry, id, ended_at, error, now)
   redis.call('HSET', key, STATUS, CANCELED, ENDED_AT, ended_at, ERROR, error)
   redis.call('ZADD', registry, now + ttl, id)
   redis.call('EXPIRE', key, ttl)
+  local quota = redis.call('HGET', key, QUOTA)
+  if quota then
+    redis.call('ZREM', quota, id)
+  end
   redis.call('PUBLISH', TASK_CHANNEL_PREFIX .. id, id)
   local reply_to = redis.call('HGET', key, REPLY_TO)
   if reply_to then
@@ -33,13 +38,15 @@ end
     ENDED_AT=constants.ENDED_AT_FIELD,
     ERROR=constants.ERROR_FIELD,
     REPLY_TO=constants.REPLY_TO_FIELD,
+    QUOTA=constants.QUOTA_FIELD,
     CANCELED=JobStatus.CANCELED.value,
     DEFAULT_TTL_S=constants.DEFAULT_RESULT_TTL_S,
     TASK_CHANNEL_PREFIX=constants.TASK_CHANNEL_PREFIX,
 )
 
-# A running task is marked canceled at once; the worker that runs it sees the change (its
-# record checks the task is still its own) and leaves the status alone when its batch ends.
+# A queued task leaves its queue. A running task is marked canceled at once; the worker that
+# runs it sees the change (its record checks the task is still its own) and leaves the status
+# alone when its batch ends.
 # KEYS[1] job hash, KEYS[2] queue list, KEYS[3] canceled registry
 # ARGV[1] task id, ARGV[2] ended_at (RQ's time format), ARGV[3] runq error JSON,
 # ARGV[4] which tasks (CancelScope)
@@ -140,7 +147,14 @@ class Purge:
         submitted meanwhile join the tail and are left queued, so a steady stream of submits
         cannot keep a purge going forever.
         """
-        queues = [constants.queue_name(function, p) for p in constants.PRIORITIES]
+        # Only tenants in the tenants set can have tasks queued (fair share keeps it so).
+        members = await self._redis.smembers(constants.tenants_key(function))
+        others = sorted(str(text(member)) for member in members)
+        queues = [
+            constants.queue_name(function, p, tenant)
+            for tenant in [constants.DEFAULT_TENANT, *others]
+            for p in constants.PRIORITIES
+        ]
         async with self._redis.pipeline(transaction=False) as pipe:
             for queue in queues:
                 pipe.llen(constants.queue_key(queue))

@@ -1,4 +1,5 @@
-"""A worker claims a batch: highest priority first, within max_concurrency, under a lease."""
+"""A worker claims a batch: tenants in turn, highest priority first within each, within
+max_concurrency, under a lease."""
 
 from __future__ import annotations
 
@@ -15,17 +16,22 @@ from rq.worker import WorkerStatus
 from runq.queue import constants, lua
 from runq.queue.tasks import deadline_passed_error
 
-# Takes up to ARGV[1] ids off the function's queues, highest priority first, and marks every
-# still-queued task started under a lease, with an RQ execution as RQ's own worker would record
-# it (so `rq info` and rq-dashboard show it running). max_concurrency counts live leases across
-# all workers; lapsed ones (a crashed worker's) no longer hold a slot. Tasks whose deadline has
-# passed are ended here, never started; their waiters hear the bare id and re-read the task.
+# Takes up to ARGV[1] ids off the function's queues and marks every still-queued task started
+# under a lease, with an RQ execution as RQ's own worker would record it (so `rq info` and
+# rq-dashboard show it running). With DEFAULT_TENANT's tasks alone queued, it pops its three
+# queues highest priority first, as it always did; with other tenants' too, it takes from the
+# tenants in turn by their weights (stride scheduling: constants.py, at TENANT_QUEUE_SEPARATOR),
+# each tenant's highest priority first, and drops from the tenants set any it finds empty.
+# max_concurrency counts live leases across all workers; lapsed ones (a crashed worker's) no
+# longer hold a slot. Tasks whose deadline has passed are ended here, never started; their
+# waiters hear the bare id and re-read the task. A task leaves its quota's queued set either way.
 # A claim carries a token: sent again with the same token (its reply was lost to a dropped
 # connection, and the tasks it took are this worker's, leased), it answers the tasks it took
 # that are still this worker's, and takes nothing more.
 # KEYS[1..3] the function's queue lists, highest priority first, KEYS[4] leases, KEYS[5] wake
 # list, KEYS[6] drain hash, KEYS[7] the worker's RQ hash, KEYS[8] the worker's executions set,
-# KEYS[9] the worker's last claim
+# KEYS[9] the worker's last claim, KEYS[10] the function's tenants set, KEYS[11] its fair hash,
+# KEYS[12] the tenants' weights
 # ARGV[1] most tasks to take, ARGV[2] worker name, ARGV[3] now (RQ's time format, for display),
 # ARGV[4] runq error JSON for tasks past their deadline, ARGV[5] max_concurrency (0: no cap),
 # ARGV[6] the claim's token, ARGV[7] 1 when it is sent again
@@ -60,16 +66,87 @@ if cap > 0 then
   wanted = math.max(math.min(wanted, free), 0)
 end
 local ids = {}
-for q = 1, 3 do
-  local need = wanted - #ids
-  if need <= 0 then
-    break
-  end
-  local popped = redis.call('LPOP', KEYS[q], need)
-  if popped then
-    for _, id in ipairs(popped) do
-      ids[#ids + 1] = id
+local function pop(keys, count)
+  for q = 1, 3 do
+    if count <= 0 then
+      break
     end
+    local popped = redis.call('LPOP', keys[q], count)
+    if popped then
+      for _, id in ipairs(popped) do
+        ids[#ids + 1] = id
+      end
+      count = count - #popped
+    end
+  end
+end
+local left = 0
+local tenants = redis.call('SMEMBERS', KEYS[10])
+if #tenants == 0 then
+  pop(KEYS, wanted)
+  left = redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3])
+else
+  local names = {DEFAULT_TENANT}
+  local fields = {FAIR_VT}
+  for i, tenant in ipairs(tenants) do
+    names[i + 1] = tenant
+  end
+  for i, name in ipairs(names) do
+    fields[i + 1] = FAIR_TURN .. name
+  end
+  local weights = redis.call('HMGET', KEYS[12], unpack(names))
+  local stored = redis.call('HMGET', KEYS[11], unpack(fields))
+  local vt = tonumber(stored[1] or '') or 0
+  local groups = {}
+  for i, name in ipairs(names) do
+    local keys = {KEYS[1], KEYS[2], KEYS[3]}
+    if i > 1 then
+      for q = 1, 3 do
+        keys[q] = KEYS[q] .. TENANT_SEPARATOR .. name
+      end
+    end
+    local queued = redis.call('LLEN', keys[1]) + redis.call('LLEN', keys[2])
+      + redis.call('LLEN', keys[3])
+    if queued > 0 then
+      -- Back from idle, a tenant starts at the virtual time: no credit saved up meanwhile.
+      local pass = math.max(tonumber(stored[i + 1] or '') or 0, vt)
+      local weight = tonumber(weights[i] or '') or DEFAULT_WEIGHT
+      groups[#groups + 1] = {name = name, keys = keys, queued = queued, take = 0,
+                             pass = pass, stride = 1 / weight, tenant = i > 1}
+    elseif i > 1 then
+      redis.call('SREM', KEYS[10], name)
+    end
+  end
+  for _ = 1, wanted do
+    local turn = nil
+    for _, group in ipairs(groups) do
+      if group.queued > 0 and (turn == nil or group.pass < turn.pass) then
+        turn = group
+      end
+    end
+    if turn == nil then
+      break
+    end
+    vt = turn.pass
+    turn.pass = turn.pass + turn.stride
+    turn.take = turn.take + 1
+    turn.queued = turn.queued - 1
+  end
+  local passes = {FAIR_VT, tostring(vt)}
+  for _, group in ipairs(groups) do
+    pop(group.keys, group.take)
+    left = left + group.queued
+    passes[#passes + 1] = FAIR_TURN .. group.name
+    passes[#passes + 1] = tostring(group.pass)
+    if group.tenant and group.queued == 0 then
+      redis.call('SREM', KEYS[10], group.name)
+    end
+  end
+  if left == 0 then
+    redis.call('DEL', KEYS[11])
+  elseif #ids > 0 then
+    redis.call('HSET', KEYS[11], unpack(passes))
+    redis.call('EXPIRE', KEYS[11], FAIR_TTL_S)
   end
 end
 local lease_until = now + LEASE_TTL_S
@@ -82,8 +159,11 @@ local runs_ttl = 0
 for _, id in ipairs(ids) do
   local key = JOB_PREFIX .. id
   local held = redis.call('HMGET', key, STATUS, DEADLINE, RESULT_TTL, ORIGIN, TIMEOUT, REPLY_TO,
-                          ATTEMPTS)
+                          ATTEMPTS, QUOTA)
   if held[1] == QUEUED then
+    if held[8] then
+      redis.call('ZREM', held[8], id)
+    end
     local deadline = tonumber(held[2] or '')
     if deadline and deadline <= now then
       local ttl = tonumber(held[3] or DEFAULT_TTL_S)
@@ -139,7 +219,7 @@ if #ids > 0 then
   redis.call('HSET', KEYS[6], DRAIN_RATE_FIELD, tostring(rate), DRAIN_AT_FIELD, tostring(now))
   redis.call('EXPIRE', KEYS[6], DRAIN_TTL_S)
 end
-if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3]) == 0 then
+if left == 0 then
   -- Nothing left to wake anyone for.
   redis.call('DEL', KEYS[5])
 end
@@ -182,6 +262,13 @@ return {started, expired, at_capacity, tostring(now)}
     DRAIN_TTL_S=constants.DRAIN_TTL_S,
     CLAIM_ID=constants.CLAIM_ID_FIELD,
     CLAIM_TAKEN=constants.CLAIM_TAKEN_FIELD,
+    QUOTA=constants.QUOTA_FIELD,
+    DEFAULT_TENANT=constants.DEFAULT_TENANT,
+    DEFAULT_WEIGHT=constants.DEFAULT_TENANT_WEIGHT,
+    TENANT_SEPARATOR=constants.TENANT_QUEUE_SEPARATOR,
+    FAIR_VT=constants.FAIR_VIRTUAL_TIME_FIELD,
+    FAIR_TURN=constants.FAIR_TURN_PREFIX,
+    FAIR_TTL_S=constants.FAIR_TTL_S,
 )
 
 RawHash = dict[bytes, bytes]
@@ -240,6 +327,9 @@ class Claim:
             constants.worker_key(worker_name),
             constants.worker_executions_key(worker_name),
             constants.claim_key(worker_name),
+            constants.tenants_key(function),
+            constants.fair_key(function),
+            constants.TENANT_WEIGHTS_KEY,
         ]
         # The token of a claim whose reply never came: the next claim sends it again.
         self._unanswered: str | None = None

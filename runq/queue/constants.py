@@ -85,6 +85,8 @@ WEBHOOK_FIELD = "runq_webhook"
 # The task's tenant; absent on tasks of DEFAULT_TENANT, whose layout and cost stay as they were.
 TENANT_FIELD = "tenant"
 DEFAULT_TENANT = "default"
+# The queued-tasks set of the quota the task was admitted under (Request.quota).
+QUOTA_FIELD = "runq_quota"
 
 # A gateway process's reply channel: a finished predict task is published here, whole.
 REPLY_CHANNEL_PREFIX = RUNQ_PREFIX + "reply:"
@@ -97,6 +99,36 @@ TASK_CHANNEL_PREFIX = RUNQ_PREFIX + "task:"
 # (notify-keyspace-events) that managed Redis often refuses, and would send every gateway
 # every deletion in the whole Redis.
 WAIT_EXISTS_INTERVAL_S = 1.0
+
+# Tenants: DEFAULT_TENANT's tasks sit in the function's own queues; another tenant's sit in
+# queues of their own, named "<function's queue>@<tenant>" (function names and priorities never
+# hold an "@"), registered in RQ's set of queues like any other. A function's tenants set holds
+# the other tenants that may have queued work (enqueue and the reaper add them, the claim
+# removes one it finds empty, maintenance adds back one a tool such as `rq requeue` refilled).
+# The claim takes from the tenants in turn by stride scheduling: each has a pass (a virtual
+# time, field FAIR_TURN_PREFIX + tenant of the function's fair hash), advanced by 1/weight per
+# task taken; the lowest pass goes next, and a tenant that comes back from idle starts at the
+# current virtual time, with no credit saved up. Weights are per tenant, for every function
+# (`runq tenants weight`).
+TENANT_QUEUE_SEPARATOR = "@"
+TENANTS_PREFIX = RUNQ_PREFIX + "tenants:"
+TENANT_WEIGHTS_KEY = RUNQ_PREFIX + "tenant-weights"
+DEFAULT_TENANT_WEIGHT = 1.0
+FAIR_PREFIX = RUNQ_PREFIX + "fair:"
+FAIR_TURN_PREFIX = "p:"
+FAIR_VIRTUAL_TIME_FIELD = "vt"
+# A fair hash is dropped when the function's queues empty, and outlives a busy one this long.
+FAIR_TTL_S = 24 * 3600
+# Quotas (Request.quota): a token bucket per quota name {tokens, at}, expiring once it would be
+# full again, and a sorted set of the quota's queued task ids scored by admission time (server
+# epoch s). The claim, cancel and delete remove a task that leaves the queue; at the cap,
+# admission looks at the QUOTA_HEAL_MAX oldest entries and drops those no longer queued (a
+# tool outside runq emptied the queue), so the count cannot stay inflated for good.
+RATE_PREFIX = RUNQ_PREFIX + "rate:"
+RATE_TOKENS_FIELD = "tokens"
+RATE_AT_FIELD = "at"
+QUEUED_PREFIX = RUNQ_PREFIX + "queued:"
+QUOTA_HEAL_MAX = 8
 
 # A function's wake list: enqueue pushes a token, idle workers block on it. Tokens are hints
 # (the queues are the truth), so the list is capped and cleared once the queues are empty.
@@ -207,8 +239,12 @@ BATCH_FILL_POLL_S = 0.0005
 DEFAULT_RESULT_TTL_S = 3600
 
 
-def queue_name(function: str, priority: str = DEFAULT_PRIORITY) -> str:
+def queue_name(
+    function: str, priority: str = DEFAULT_PRIORITY, tenant: str = DEFAULT_TENANT
+) -> str:
     suffix = "" if priority == DEFAULT_PRIORITY else "." + priority
+    if tenant != DEFAULT_TENANT:
+        suffix += TENANT_QUEUE_SEPARATOR + tenant
     return QUEUE_NAME_PREFIX + function + suffix
 
 
@@ -218,23 +254,50 @@ def is_runq_queue(name: str) -> bool:
     return name.startswith(QUEUE_NAME_PREFIX)
 
 
-# Function names never hold a dot: "runq.<function>[.<priority>]" splits one way only.
+# Function names never hold a dot or an "@": "runq.<function>[.<priority>][@<tenant>]" splits
+# one way only, whatever the tenant's name holds.
 def function_of_queue(name: str) -> str:
-    return name.removeprefix(QUEUE_NAME_PREFIX).partition(".")[0]
+    return _function_and_priority(name).partition(".")[0]
 
 
 def priority_of_queue(name: str) -> str:
-    _, dot, priority = name.removeprefix(QUEUE_NAME_PREFIX).partition(".")
+    _, dot, priority = _function_and_priority(name).partition(".")
     return priority if dot else DEFAULT_PRIORITY
+
+
+def tenant_of_queue(name: str) -> str:
+    _, at, tenant = name.partition(TENANT_QUEUE_SEPARATOR)
+    return tenant if at else DEFAULT_TENANT
+
+
+def _function_and_priority(name: str) -> str:
+    return name.removeprefix(QUEUE_NAME_PREFIX).partition(TENANT_QUEUE_SEPARATOR)[0]
 
 
 def queue_key(queue: str) -> str:
     return Queue.redis_queue_namespace_prefix + queue
 
 
-def queue_keys(function: str) -> list[str]:
-    """The function's queue lists, highest priority first."""
-    return [queue_key(queue_name(function, priority)) for priority in PRIORITIES]
+def queue_keys(function: str, tenant: str = DEFAULT_TENANT) -> list[str]:
+    """The queue lists of the function's tasks of ``tenant``, highest priority first. Every
+    tenant's: these for DEFAULT_TENANT, then these of each member of ``tenants_key``."""
+    return [queue_key(queue_name(function, priority, tenant)) for priority in PRIORITIES]
+
+
+def tenants_key(function: str) -> str:
+    return TENANTS_PREFIX + function
+
+
+def fair_key(function: str) -> str:
+    return FAIR_PREFIX + function
+
+
+def rate_key(quota: str) -> str:
+    return RATE_PREFIX + quota
+
+
+def quota_queued_key(quota: str) -> str:
+    return QUEUED_PREFIX + quota
 
 
 def wake_key(function: str) -> str:

@@ -12,8 +12,9 @@ from runq.queue import constants, lua
 # ARGV[1] task id, ARGV[2] the task's channel
 # Returns 1 when deleted, 0 when there was no such task. Waiters hear the bare task id on the
 # task's channel and on its reply channel, re-read it, find nothing and answer 404 at once
-# instead of at their timeout. A webhook delivery not yet sent goes with the task: a deleted
-# task is never announced (one a sender holds at this moment may still go out, once).
+# instead of at their timeout. A queued task leaves its quota's count. A webhook delivery not
+# yet sent goes with the task: a deleted task is never announced (one a sender holds at this
+# moment may still go out, once).
 DELETE = lua.script(
     """
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -25,11 +26,14 @@ for _, execution in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
   redis.call('DEL', EXECUTION_PREFIX .. composite)
 end
 redis.call('LREM', KEYS[2], 0, ARGV[1])
-local idempotency = redis.call('HGET', KEYS[1], IDEMPOTENCY)
-if idempotency then
-  redis.call('DEL', idempotency)
+local held = redis.call('HMGET', KEYS[1], IDEMPOTENCY, REPLY_TO, QUOTA)
+if held[1] then
+  redis.call('DEL', held[1])
 end
-local reply_to = redis.call('HGET', KEYS[1], REPLY_TO)
+local reply_to = held[2]
+if held[3] then
+  redis.call('ZREM', held[3], ARGV[1])
+end
 redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[9])
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('ZREM', KEYS[7], ARGV[1])
@@ -44,6 +48,7 @@ return 1
     EXECUTION_PREFIX=constants.RQ_EXECUTION_PREFIX,
     IDEMPOTENCY=constants.IDEMPOTENCY_FIELD,
     REPLY_TO=constants.REPLY_TO_FIELD,
+    QUOTA=constants.QUOTA_FIELD,
 )
 
 

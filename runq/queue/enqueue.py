@@ -19,23 +19,30 @@ from rq.job import JobStatus
 from runq.errors import ErrorCode
 from runq.queue import constants, lua
 
-# KEYS[1] the task's queue list, KEYS[2] its job hash, KEYS[3] RQ's set of queue keys,
-# KEYS[4..6] the function's queue lists (every priority), KEYS[7] wake list, KEYS[8] drain hash,
-# KEYS[9] the function's live workers, KEYS[10] idempotency key (absent: none)
+# KEYS[1] the task's queue list (its tenant's), KEYS[2] its job hash, KEYS[3] RQ's set of queue
+# keys, KEYS[4..6] the function's queue lists (DEFAULT_TENANT's, every priority), KEYS[7] wake
+# list, KEYS[8] drain hash, KEYS[9] the function's live workers, KEYS[10] its tenants set; with
+# a quota (ARGV[8] '1') KEYS[11] its token bucket and KEYS[12] its queued set; then the
+# idempotency key (absent: none)
 # ARGV[1] max_queue, ARGV[2] task id, ARGV[3] idempotency TTL s, ARGV[4] body digest,
 # ARGV[5] seconds from now it must start by ('' none), ARGV[6] seconds from now it must end by
-# ('' none), ARGV[7] function name, ARGV[8..] job hash field/value pairs. With no live worker,
-# the function name is published on the demand channel: an autoscaler at zero replicas starts
-# one at once instead of on its next look.
-# Returns {Reply, value}: the task id, or the drain rate when the queue was full (nothing
-# written). A key whose task was withdrawn before it ever started (a predict that timed out in
-# the queue), or whose worker was lost with its retries spent, is free again: a retry must be
-# able to run what never ran, or never finished through no fault of its own. So is a key whose
-# task record is gone (deleted, emptied by `rq empty`, expired): there is no task left to
-# answer with, and a caller told "gone" could only pick a new key for the same request.
+# ('' none), ARGV[7] function name, ARGV[8] '1' with a quota, ARGV[9] its rate per second ('' no
+# rate), ARGV[10] its burst, ARGV[11] its most queued tasks ('' no cap), ARGV[12] the task's
+# tenant ('' DEFAULT_TENANT), ARGV[13..] job hash field/value pairs. With no live worker, the
+# function name is published on the demand channel: an autoscaler at zero replicas starts one
+# at once instead of on its next look.
+# Returns {Reply, value}: the task id; when refused, nothing written, the drain rate (FULL,
+# QUOTA_EXCEEDED) or the seconds until the bucket holds a token (RATE_LIMITED). A replay spends
+# no token: it admits nothing. A key whose task was withdrawn before it ever started (a predict
+# that timed out in the queue), or whose worker was lost with its retries spent, is free again:
+# a retry must be able to run what never ran, or never finished through no fault of its own. So
+# is a key whose task record is gone (deleted, emptied by `rq empty`, expired): there is no
+# task left to answer with, and a caller told "gone" could only pick a new key for the same
+# request. max_queue counts every tenant's queued tasks.
 ENQUEUE = lua.script(
     """
-local idempotency = KEYS[10]
+local quota = ARGV[8] == '1'
+local idempotency = KEYS[quota and 13 or 11]
 local held = idempotency and redis.call('HMGET', idempotency, IDEM_TASK, IDEM_BODY) or {}
 if held[1] then
   local task = redis.call('HMGET', JOB_PREFIX .. held[1], STATUS, STARTED_AT, ERROR)
@@ -55,12 +62,42 @@ if held[1] then
   end
 end
 local now = server_now()
+local rate, burst, tokens
+if quota and ARGV[9] ~= '' then
+  rate, burst = tonumber(ARGV[9]), tonumber(ARGV[10])
+  local bucket = redis.call('HMGET', KEYS[11], RATE_TOKENS, RATE_AT)
+  tokens = burst
+  if bucket[1] then
+    local refill = math.max(now - tonumber(bucket[2]), 0) * rate
+    tokens = math.min(burst, tonumber(bucket[1]) + refill)
+  end
+  if tokens < 1 then
+    return {RATE_LIMITED, tostring((1 - tokens) / rate)}
+  end
+end
+local cap = quota and tonumber(ARGV[11])
+if cap and redis.call('ZCARD', KEYS[12]) >= cap then
+  -- Entries of tasks that left the queue without runq's word (`rq empty`) go, oldest first.
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[12], 0, QUOTA_HEAL_MAX - 1)) do
+    if redis.call('HGET', JOB_PREFIX .. id, STATUS) ~= QUEUED then
+      redis.call('ZREM', KEYS[12], id)
+    end
+  end
+  if redis.call('ZCARD', KEYS[12]) >= cap then
+    return {QUOTA_EXCEEDED, tostring(drain_rate(KEYS[8], now, DRAIN_WINDOW_S))}
+  end
+end
 local queued = redis.call('LLEN', KEYS[4]) + redis.call('LLEN', KEYS[5])
   + redis.call('LLEN', KEYS[6])
+for _, tenant in ipairs(redis.call('SMEMBERS', KEYS[10])) do
+  for q = 4, 6 do
+    queued = queued + redis.call('LLEN', KEYS[q] .. TENANT_SEPARATOR .. tenant)
+  end
+end
 if queued >= tonumber(ARGV[1]) then
   return {FULL, tostring(drain_rate(KEYS[8], now, DRAIN_WINDOW_S))}
 end
-redis.call('HSET', KEYS[2], unpack(ARGV, 8))
+redis.call('HSET', KEYS[2], unpack(ARGV, 13))
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[2], DEADLINE, tostring(now + tonumber(ARGV[5])))
 end
@@ -69,6 +106,19 @@ if ARGV[6] ~= '' then
 end
 redis.call('RPUSH', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[3], KEYS[1])
+if ARGV[12] ~= '' then
+  redis.call('SADD', KEYS[10], ARGV[12])
+end
+if tokens then
+  redis.call('HSET', KEYS[11], RATE_TOKENS, tostring(tokens - 1), RATE_AT, tostring(now))
+  -- Past this the bucket is full again: as good as absent.
+  redis.call('EXPIRE', KEYS[11], math.ceil(burst / rate) + 1)
+end
+if cap then
+  redis.call('ZADD', KEYS[12], now, ARGV[2])
+  -- Whatever takes the task off the queue takes it out of the quota's count.
+  redis.call('HSET', KEYS[2], QUOTA, KEYS[12])
+end
 redis.call('LPUSH', KEYS[7], '1')
 redis.call('LTRIM', KEYS[7], 0, WAKE_TOKENS_MAX - 1)
 if redis.call('ZCOUNT', KEYS[9], '(' .. tostring(now), '+inf') == 0 then
@@ -88,9 +138,12 @@ return {ENQUEUED, ARGV[2]}
     ENQUEUED=1,
     REPLAYED=2,
     CONFLICT=3,
+    RATE_LIMITED=4,
+    QUOTA_EXCEEDED=5,
     JOB_PREFIX=constants.RQ_JOB_PREFIX,
     STATUS=constants.STATUS_FIELD,
     STARTED_AT=constants.STARTED_AT_FIELD,
+    QUEUED=JobStatus.QUEUED.value,
     CANCELED=JobStatus.CANCELED.value,
     FAILED=JobStatus.FAILED.value,
     ERROR=constants.ERROR_FIELD,
@@ -100,6 +153,11 @@ return {ENQUEUED, ARGV[2]}
     IDEMPOTENCY=constants.IDEMPOTENCY_FIELD,
     IDEM_TASK=constants.IDEMPOTENCY_TASK_FIELD,
     IDEM_BODY=constants.IDEMPOTENCY_BODY_FIELD,
+    QUOTA=constants.QUOTA_FIELD,
+    RATE_TOKENS=constants.RATE_TOKENS_FIELD,
+    RATE_AT=constants.RATE_AT_FIELD,
+    QUOTA_HEAL_MAX=constants.QUOTA_HEAL_MAX,
+    TENANT_SEPARATOR=constants.TENANT_QUEUE_SEPARATOR,
     DRAIN_WINDOW_S=constants.DRAIN_RATE_WINDOW_S,
     WAKE_TOKENS_MAX=constants.WAKE_TOKENS_MAX,
     DEMAND_CHANNEL=constants.DEMAND_CHANNEL,
@@ -112,13 +170,40 @@ class Reply(IntEnum):
     # The idempotency key's task: asked with the same body, or with another one.
     REPLAYED = 2
     CONFLICT = 3
+    # Over the request's quota: its rate, or its count of queued tasks.
+    RATE_LIMITED = 4
+    QUOTA_EXCEEDED = 5
 
 
 @dataclass(frozen=True)
 class Enqueued:
     reply: Reply
-    # The task id; for FULL, the function's recent drain rate (tasks/s).
+    # The task id; for FULL and QUOTA_EXCEEDED, the function's recent drain rate (tasks/s); for
+    # RATE_LIMITED, the seconds until the quota's bucket holds a token.
     value: str
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Limits on one caller (an API key, a tenant) that every gateway enforces together.
+
+    ``name`` keys the state in Redis: requests with the same name share it, whatever their
+    function. A token bucket allows ``rate_per_s`` requests a second on average and ``burst``
+    (default one second's worth, at least 1) at once; ``max_queued`` caps the caller's queued
+    tasks, all functions together.
+    """
+
+    name: str
+    rate_per_s: float | None = None
+    burst: float | None = None
+    max_queued: int | None = None
+
+    def args(self) -> list[Any]:
+        """The enqueue script's ARGV[8..11]."""
+        rate = self.rate_per_s
+        burst = self.burst if self.burst is not None else max(1.0, rate or 0.0)
+        cap = self.max_queued
+        return ["1", "" if rate is None else repr(rate), repr(burst), "" if cap is None else cap]
 
 
 @dataclass(frozen=True)
@@ -135,6 +220,7 @@ class Request:
     # The digest of the caller's Idempotency-Key, and of the request's body.
     key_digest: str | None = None
     body_digest: str = ""
+    quota: Quota | None = None
 
 
 class Enqueue:
@@ -164,15 +250,25 @@ class Enqueue:
 
     def _keys_and_args(self, request: Request) -> tuple[list[str], list[Any]]:
         function = request.function
+        fields = request.fields
+        tenant = fields.get(constants.TENANT_FIELD) or constants.DEFAULT_TENANT
+        queue = constants.queue_name(function, request.priority, tenant)
+        if tenant != constants.DEFAULT_TENANT:
+            # RQ's tools, cancel and delete find a job's queue by its origin.
+            fields = {**fields, constants.ORIGIN_FIELD: queue}
         keys = [
-            constants.queue_key(constants.queue_name(function, request.priority)),
+            constants.queue_key(queue),
             constants.job_key(request.task_id),
             constants.RQ_QUEUES_KEY,
             *constants.queue_keys(function),
             constants.wake_key(function),
             constants.drain_key(function),
             constants.alive_key(function),
+            constants.tenants_key(function),
         ]
+        quota = request.quota
+        if quota is not None:
+            keys += (constants.rate_key(quota.name), constants.quota_queued_key(quota.name))
         if request.key_digest is not None:
             keys.append(constants.idempotency_key(function, request.key_digest))
         args: list[Any] = [
@@ -183,8 +279,10 @@ class Enqueue:
             _seconds(request.start_within_s),
             _seconds(request.finish_within_s),
             function,
+            *(_NO_QUOTA if quota is None else quota.args()),
+            "" if tenant == constants.DEFAULT_TENANT else tenant,
         ]
-        for name, value in request.fields.items():
+        for name, value in fields.items():
             args += (name, value)
         return keys, args
 
@@ -229,6 +327,9 @@ class _Pending:
     keys: list[str]
     args: list[Any]
     reply: asyncio.Future[Any]
+
+
+_NO_QUOTA = ("", "", "", "")
 
 
 def _seconds(value: float | None) -> str:

@@ -16,16 +16,25 @@ from redis.client import Pipeline
 
 from runq.queue import constants, lua
 
-# KEYS[1..3] the function's queue lists, KEYS[4] leases, KEYS[5] its live workers,
-# KEYS[6] the autoscaler's replicas hash, KEYS[7] when a worker was last seen
+# KEYS[1..3] the function's queue lists (DEFAULT_TENANT's), KEYS[4] leases, KEYS[5] its live
+# workers, KEYS[6] the autoscaler's replicas hash, KEYS[7] when a worker was last seen,
+# KEYS[8] its tenants set
 # Returns {queued, running (live leases), live workers, replicas desired, now, unserved}:
-# desired false when no autoscaler manages the function; unserved, only when
-# tasks are queued and no worker is live, is {last seen or false, created_at of each queue's
-# oldest task}.
+# queued counts every tenant's; desired false when no autoscaler manages the function;
+# unserved, only when tasks are queued and no worker is live, is {last seen or false,
+# created_at of each queue's oldest task}.
 FIGURES = lua.script(
     """
-local queued = redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2])
-  + redis.call('LLEN', KEYS[3])
+local queues = {KEYS[1], KEYS[2], KEYS[3]}
+for _, tenant in ipairs(redis.call('SMEMBERS', KEYS[8])) do
+  for q = 1, 3 do
+    queues[#queues + 1] = KEYS[q] .. TENANT_SEPARATOR .. tenant
+  end
+end
+local queued = 0
+for _, queue in ipairs(queues) do
+  queued = queued + redis.call('LLEN', queue)
+end
 local now = server_now()
 local after_now = '(' .. tostring(now)
 local running = redis.call('ZCOUNT', KEYS[4], after_now, '+inf')
@@ -34,8 +43,8 @@ local desired = redis.call('HGET', KEYS[6], DESIRED)
 local unserved = {}
 if queued > 0 and workers == 0 then
   unserved[1] = redis.call('GET', KEYS[7])
-  for i = 1, 3 do
-    local oldest = redis.call('LINDEX', KEYS[i], 0)
+  for _, queue in ipairs(queues) do
+    local oldest = redis.call('LINDEX', queue, 0)
     if oldest then
       unserved[#unserved + 1] = redis.call('HGET', JOB_PREFIX .. oldest, CREATED_AT) or ''
     end
@@ -47,6 +56,7 @@ return {queued, running, workers, desired, tostring(now), unserved}
     DESIRED=constants.REPLICAS_DESIRED_FIELD,
     JOB_PREFIX=constants.RQ_JOB_PREFIX,
     CREATED_AT=constants.CREATED_AT_FIELD,
+    TENANT_SEPARATOR=constants.TENANT_QUEUE_SEPARATOR,
 )
 
 
@@ -106,6 +116,7 @@ def keys(function: str) -> list[str]:
         constants.alive_key(function),
         constants.replicas_key(function),
         constants.seen_key(function),
+        constants.tenants_key(function),
     ]
 
 

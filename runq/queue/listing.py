@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from runq.errors import ValidationFailed
 from runq.queue import constants, lua
-from runq.queue.tasks import TaskStatus, task_view
+from runq.queue.tasks import TaskStatus, task_view, text
 
 # Reads up to ARGV[1] index entries from KEYS[ARGV[2]] on, starting after the anchor (member
 # ARGV[3] with score ARGV[4]; '' for the start of that key), each with its job hash's fields.
@@ -136,8 +136,12 @@ class _Source:
     statuses: frozenset[TaskStatus]
 
 
-def _sources(function: str) -> list[_Source]:
-    queues = [constants.queue_name(function, priority) for priority in constants.PRIORITIES]
+def _sources(function: str, tenants: Sequence[str]) -> list[_Source]:
+    queues = [
+        constants.queue_name(function, priority, tenant)
+        for tenant in tenants
+        for priority in constants.PRIORITIES
+    ]
     kinds: list[tuple[Callable[[str], str], bool, frozenset[TaskStatus]]] = [
         (constants.queue_key, False, frozenset({TaskStatus.QUEUED})),
         (constants.started_registry_key, True, frozenset({TaskStatus.RUNNING})),
@@ -238,7 +242,23 @@ def _is_score(value: str) -> bool:
 
 class TaskList:
     def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
         self._script = redis.register_script(PAGE)
+
+    async def _tenants(self, function: str) -> list[str]:
+        """Every tenant whose tasks the function ever queued: RQ's set of queues holds each
+        tenant's queues (fair share), and unlike the tenants set it keeps them once empty.
+        DEFAULT_TENANT first, the rest by name, so that a cursor's source stays put."""
+        others = set()
+        for member in await self._redis.smembers(constants.RQ_QUEUES_KEY):
+            name = str(text(member)).removeprefix(constants.queue_key(""))
+            tenant = constants.tenant_of_queue(name)
+            is_function = constants.is_runq_queue(name) and (
+                constants.function_of_queue(name) == function
+            )
+            if is_function and tenant != constants.DEFAULT_TENANT:
+                others.add(tenant)
+        return [constants.DEFAULT_TENANT, *sorted(others)]
 
     async def page(
         self,
@@ -251,7 +271,8 @@ class TaskList:
     ) -> Page:
         """Up to ``limit`` of the function's tasks with ``status`` (None: any) of ``tenant``
         (None: every tenant's), after ``cursor``."""
-        sources = [s for s in _sources(function) if status is None or status in s.statuses]
+        tenants = [tenant] if tenant is not None else await self._tenants(function)
+        sources = [s for s in _sources(function, tenants) if status is None or status in s.statuses]
         query = _Query(function, status, tenant)
         anchor = _Anchor() if cursor is None else query.decode(cursor, sources)
         keys = [s.key for s in sources]

@@ -30,6 +30,8 @@ _LOCK_SHARE = 0.75
 # KEYS[1] the lock; ARGV[1] how long to hold it (ms)
 # Returns false when another process holds the lock, else {registry entries, workers removed}.
 # Negative scores are kept, as RQ's cleanup keeps them: RQ scores an entry that never expires -1.
+# A tenant's queue that holds tasks while its tenant is not in its function's tenants set (a
+# tool outside runq, such as `rq requeue`, pushed them) puts it back, so the claim sees them.
 CLEAN = lua.script(
     """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
@@ -44,6 +46,12 @@ for _, key in ipairs(redis.call('SMEMBERS', QUEUES_KEY)) do
     queues[#queues + 1] = queue
     for _, registry in ipairs({FINISHED_PREFIX, FAILED_PREFIX, CANCELED_PREFIX}) do
       entries = entries + redis.call('ZREMRANGEBYSCORE', registry .. queue, 0, now)
+    end
+    local name = string.sub(queue, #NAME_PREFIX + 1)
+    local at = string.find(name, TENANT_SEPARATOR, 1, true)
+    if at and redis.call('LLEN', key) > 0 then
+      local function_name = string.match(string.sub(name, 1, at - 1), '^[^.]+')
+      redis.call('SADD', TENANTS_PREFIX .. function_name, string.sub(name, at + 1))
     end
   end
 end
@@ -64,6 +72,8 @@ return {entries, workers}
     FINISHED_PREFIX=constants.RQ_FINISHED_PREFIX,
     FAILED_PREFIX=constants.RQ_FAILED_PREFIX,
     CANCELED_PREFIX=constants.RQ_CANCELED_PREFIX,
+    TENANT_SEPARATOR=constants.TENANT_QUEUE_SEPARATOR,
+    TENANTS_PREFIX=constants.TENANTS_PREFIX,
     WORKERS_KEY=constants.RQ_WORKERS_KEY,
     WORKERS_BY_QUEUE_PREFIX=constants.RQ_WORKERS_BY_QUEUE_PREFIX,
 )

@@ -20,9 +20,10 @@ from runq.queue.tasks import TaskStatus, error_json
 logger = logging.getLogger("runq.reaper")
 
 # Each task whose lease lapsed (its worker died or lost Redis) goes back to the front of its
-# queue while it has retries left, else ends failed with code worker_lost. RQ's execution
-# records of the lost run are removed, as RQ's own registry cleanup would.
-# KEYS[1] leases, KEYS[2] wake list
+# queue (its tenant's, counted in its quota again) while it has retries left, else ends failed
+# with code worker_lost. RQ's execution records of the lost run are removed, as RQ's own
+# registry cleanup would.
+# KEYS[1] leases, KEYS[2] wake list, KEYS[3] the function's tenants set
 # ARGV[1] retries, ARGV[2] worker_lost error JSON, ARGV[3] now (RQ's format)
 # Returns {re-queued ids, failed ids}.
 REAP = lua.script(
@@ -33,7 +34,7 @@ local requeued, failed = {}, {}
 for _, id in ipairs(lapsed) do
   redis.call('ZREM', KEYS[1], id)
   local key = JOB_PREFIX .. id
-  local held = redis.call('HMGET', key, STATUS, ORIGIN, ATTEMPTS, FAILURE_TTL, REPLY_TO)
+  local held = redis.call('HMGET', key, STATUS, ORIGIN, ATTEMPTS, FAILURE_TTL, REPLY_TO, QUOTA)
   if held[1] == STARTED then
     local origin = held[2]
     local executions = EXECUTIONS_PREFIX .. id
@@ -47,6 +48,13 @@ for _, id in ipairs(lapsed) do
       redis.call('HDEL', key, WORKER_NAME)
       -- The front: it waited its turn once already.
       redis.call('LPUSH', QUEUE_PREFIX .. origin, id)
+      local at = string.find(origin, TENANT_SEPARATOR, 1, true)
+      if at then
+        redis.call('SADD', KEYS[3], string.sub(origin, at + 1))
+      end
+      if held[6] then
+        redis.call('ZADD', held[6], now, id)
+      end
       redis.call('LPUSH', KEYS[2], '1')
       requeued[#requeued + 1] = id
     else
@@ -78,6 +86,8 @@ return {requeued, failed}
     ATTEMPTS=constants.ATTEMPTS_FIELD,
     FAILURE_TTL=constants.FAILURE_TTL_FIELD,
     REPLY_TO=constants.REPLY_TO_FIELD,
+    QUOTA=constants.QUOTA_FIELD,
+    TENANT_SEPARATOR=constants.TENANT_QUEUE_SEPARATOR,
     WORKER_NAME=constants.WORKER_NAME_FIELD,
     ENDED_AT=constants.ENDED_AT_FIELD,
     ERROR=constants.ERROR_FIELD,
@@ -92,7 +102,11 @@ class Reaper:
     def __init__(self, connection: Redis, function: str, retries: int) -> None:
         self.function = function
         self.retries = retries
-        self._keys = [constants.leases_key(function), constants.wake_key(function)]
+        self._keys = [
+            constants.leases_key(function),
+            constants.wake_key(function),
+            constants.tenants_key(function),
+        ]
         self._reap = connection.register_script(REAP)
 
     def reap(self) -> tuple[list[str], list[str]]:

@@ -20,7 +20,7 @@ from runq.queue import constants, lua
 # KEYS[1] job hash, KEYS[2] its queue list, KEYS[3] RQ's set of queue keys, KEYS[4..6] the
 # function's queue lists (every priority), KEYS[7] wake list, KEYS[8] drain hash, KEYS[9] the
 # function's live workers, KEYS[10] its leases, KEYS[11] the task's results stream,
-# KEYS[12] failed and KEYS[13] canceled registry of its queue
+# KEYS[12] failed and KEYS[13] canceled registry of its queue, KEYS[14] the function's tenants set
 # ARGV[1] max_queue, ARGV[2] task id, ARGV[3] enqueued_at (RQ's time format), ARGV[4] function
 # name, ARGV[5] the caller's tenant ('' for any)
 # Returns {Outcome, value}: the drain rate when the queue was full, the RQ status the task has
@@ -44,6 +44,11 @@ if lease and lease > now then
 end
 local queued = redis.call('LLEN', KEYS[4]) + redis.call('LLEN', KEYS[5])
   + redis.call('LLEN', KEYS[6])
+for _, tenant in ipairs(redis.call('SMEMBERS', KEYS[14])) do
+  for q = 4, 6 do
+    queued = queued + redis.call('LLEN', KEYS[q] .. TENANT_SEPARATOR .. tenant)
+  end
+end
 if queued >= tonumber(ARGV[1]) then
   return {FULL, tostring(drain_rate(KEYS[8], now, DRAIN_WINDOW_S))}
 end
@@ -57,6 +62,10 @@ redis.call('HSET', KEYS[1], STATUS, QUEUED, ENQUEUED_AT, ARGV[3])
 redis.call('PERSIST', KEYS[1])
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[3], KEYS[2])
+if held[2] and held[2] ~= DEFAULT_TENANT then
+  -- The claim takes from the tenants in this set only.
+  redis.call('SADD', KEYS[14], held[2])
+end
 redis.call('LPUSH', KEYS[7], '1')
 redis.call('LTRIM', KEYS[7], 0, WAKE_TOKENS_MAX - 1)
 if redis.call('ZCOUNT', KEYS[9], '(' .. tostring(now), '+inf') == 0 then
@@ -73,6 +82,7 @@ return {RETRIED, ''}
     STATUS=constants.STATUS_FIELD,
     TENANT=constants.TENANT_FIELD,
     DEFAULT_TENANT=constants.DEFAULT_TENANT,
+    TENANT_SEPARATOR=constants.TENANT_QUEUE_SEPARATOR,
     ERROR=constants.ERROR_FIELD,
     STARTED_AT=constants.STARTED_AT_FIELD,
     ENDED_AT=constants.ENDED_AT_FIELD,
@@ -130,6 +140,7 @@ class Retry:
                 constants.results_key(task_id),
                 constants.failed_registry_key(queue),
                 constants.canceled_registry_key(queue),
+                constants.tenants_key(function),
             ],
             args=[max_queue, task_id, utcformat(now()), function, tenant or ""],
         )

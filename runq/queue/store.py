@@ -17,11 +17,18 @@ from redis import Redis
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
-from runq.errors import Conflict, ErrorCode, IdempotencyConflict, QueueFull
+from runq.errors import (
+    Conflict,
+    ErrorCode,
+    IdempotencyConflict,
+    QueueFull,
+    QuotaExceeded,
+    RateLimited,
+)
 from runq.queue import constants, storage
 from runq.queue.cancel import Cancel, Purge
 from runq.queue.delete import Delete
-from runq.queue.enqueue import Enqueue, Enqueued, Reply, Request
+from runq.queue.enqueue import Enqueue, Enqueued, Quota, Reply, Request
 from runq.queue.figures import AsyncFigures, FunctionFigures
 from runq.queue.listing import LIMIT_DEFAULT, Page, TaskList
 from runq.queue.retry import Outcome, Retry
@@ -86,6 +93,8 @@ class Admission:
     webhook: str | None = None
     # Whose task it is: recorded on it, and the scope of its idempotency key.
     tenant: str = constants.DEFAULT_TENANT
+    # The caller's limits, when it has any.
+    quota: Quota | None = None
 
 
 @dataclass(frozen=True)
@@ -159,13 +168,14 @@ class TaskStore:
                 finish_within_s=admission.finish_within_s,
                 key_digest=None if key is None else _key_digest(key, admission.tenant),
                 body_digest=admission.body_digest,
+                quota=admission.quota,
             )
         )
         if enqueued.reply == Reply.ENQUEUED:
             return Admitted(task_id, replayed=False, task=queued_view(task_id, fields))
         if input_ref is not None:
             await asyncio.to_thread(self.objects.delete, [input_ref])
-        return _refused(function, settings, enqueued)
+        return _refused(function, settings, admission.quota, enqueued)
 
     async def read(self, task_id: str, *, with_output: bool) -> dict[str, Any] | None:
         """The task JSON, with ``output`` once succeeded when asked; None if there is no task."""
@@ -280,7 +290,9 @@ class TaskStore:
         return await self._purge(function, _PURGED)
 
 
-def _refused(function: str, settings: FunctionSettings, enqueued: Enqueued) -> Admitted:
+def _refused(
+    function: str, settings: FunctionSettings, quota: Quota | None, enqueued: Enqueued
+) -> Admitted:
     """The key's task when replayed; raises for every other answer but ENQUEUED."""
     held = enqueued.value
     if enqueued.reply == Reply.REPLAYED:
@@ -290,6 +302,18 @@ def _refused(function: str, settings: FunctionSettings, enqueued: Enqueued) -> A
         raise IdempotencyConflict(
             "Idempotency-Key is already taken by a request with a different body; "
             "use a new key for a new request"
+        )
+    if enqueued.reply == Reply.RATE_LIMITED:
+        assert quota is not None and quota.rate_per_s is not None
+        raise RateLimited(
+            f"over this caller's rate limit of {quota.rate_per_s:g} requests/s",
+            retry_after_s=max(RETRY_AFTER_MIN_S, math.ceil(float(held))),
+        )
+    if enqueued.reply == Reply.QUOTA_EXCEEDED:
+        assert quota is not None and quota.max_queued is not None
+        raise QuotaExceeded(
+            f"this caller already has {quota.max_queued} queued tasks, its most",
+            retry_after_s=retry_after_s(float(held), quota.max_queued),
         )
     raise _queue_full(function, settings, float(held))
 

@@ -430,3 +430,32 @@ def test_task_views_show_a_tenant_its_own_tasks_and_purge_is_an_admins(
     assert call(url, "DELETE", purge, keys.acme).status_code == 403
     assert call(url, "DELETE", purge, keys.admin).json()["purged"] >= len(mine)
     assert not set(listed(keys.admin)) & set(mine)
+
+
+def test_a_keys_quotas_answer_429_on_every_gateway_and_enqueue_nothing(
+    gateways: tuple[Gateway, Gateway], keys: Keys, redis: Redis
+) -> None:
+    first, second = (gw.url for gw in gateways)
+    capped = create_key(redis, "capped", max_queued=2)[0]
+    slow = create_key(redis, "slow", rate_per_s=0.2)[0]
+    queue = "rq:queue:runq.admitted@capped"
+    # `admitted` has no worker: what is admitted stays queued and counts against the cap.
+    for url in (first, second):
+        answer = call(url, "POST", "/v1/functions/admitted/tasks", capped, json={"input": 1})
+        assert answer.status_code == 202, answer.text
+    for url in (first, second):
+        answer = call(url, "POST", "/v1/functions/admitted/tasks", capped, json={"input": 1})
+        assert answer.status_code == 429
+        assert answer.json()["error"]["code"] == "quota_exceeded"
+        assert int(answer.headers["retry-after"]) >= 1
+    assert redis.llen(queue) == 2
+    assert call(first, "POST", "/v1/functions/echo/predict", slow, json={"input": 1}).is_success
+    # One token a burst, refilled every 5 s: the next request, on either gateway, is refused.
+    answer = call(second, "POST", "/v1/functions/echo/predict", slow, json={"input": 1})
+    assert answer.status_code == 429 and answer.json()["error"]["code"] == "rate_limited"
+    assert int(answer.headers["retry-after"]) >= 1
+    with pytest.raises(runq.RateLimited):
+        runq.Client(first, api_key=slow, retries=0).predict("echo", 1)
+    purge = "/v1/functions/admitted/tasks?status=queued"
+    assert call(first, "DELETE", purge, keys.admin).json()["purged"] >= 2
+    assert redis.llen(queue) == 0
