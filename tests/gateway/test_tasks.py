@@ -142,17 +142,21 @@ def test_each_status_lists_its_tasks_and_only_those(
 
 
 @pytest.mark.usefixtures("parked")
-def test_a_tenant_filter_lists_that_tenants_tasks_alone(client: httpx.Client, redis: Redis) -> None:
+def test_a_tenant_filter_lists_that_tenants_tasks_alone(
+    client: httpx.Client, valkey_url: str
+) -> None:
     mine = [submit(client, "parked", i)["id"] for i in range(3)]
-    theirs = [submit(client, "parked", i)["id"] for i in range(2)]
-    for task_id in theirs:
-        # What auth writes for a task submitted with another tenant's key.
-        redis.hset(constants.job_key(task_id), constants.TENANT_FIELD, "acme")
-    acme, _ = listed(client, "parked", tenant="acme", limit=1)
-    assert ids(acme) == theirs
-    default, _ = listed(client, "parked", tenant=constants.DEFAULT_TENANT, status="queued")
-    assert ids(default) == mine
-    assert ids(listed(client, "parked", status="queued")[0]) == mine + theirs
+    # Admitted as a gateway with keys admits another tenant's tasks: into that tenant's queue.
+    theirs = submit_tasks(valkey_url, "parked", 2, FunctionSettings(), tenant="acme")
+    try:
+        acme, _ = listed(client, "parked", tenant="acme", limit=1)
+        assert ids(acme) == theirs
+        default, _ = listed(client, "parked", tenant=constants.DEFAULT_TENANT, status="queued")
+        assert ids(default) == mine
+        assert ids(listed(client, "parked", status="queued")[0]) == mine + theirs
+    finally:
+        for task_id in theirs:
+            client.delete(f"/v1/tasks/{task_id}")
 
 
 @pytest.mark.parametrize(
