@@ -214,7 +214,8 @@ def test_a_failed_task_runs_again_with_the_same_id(client: httpx.Client) -> None
     assert retried.status_code == 202, retried.text
     assert retried.headers["location"] == f"/v1/tasks/{task_id}"
     assert retried.json()["id"] == task_id
-    assert retried.json()["status"] in ("queued", "running")
+    # Queued again, or already run again by the time the answer was read.
+    assert retried.json()["status"] in ("queued", "running") or retried.json()["attempts"] == 2
     again = ended(client, task_id)
     assert (again["status"], again["attempts"]) == ("failed", 2)
     assert again["finished_at"] > first["finished_at"]
