@@ -232,6 +232,8 @@ def stopped_while_running(
     return client.get(url).json(), autoscaler.output()
 
 
+# A Redis outage run (make bench-faults soaks the same under load): make test-all.
+@pytest.mark.slow
 def test_the_autoscaler_rides_out_redis_being_down_at_start_and_restarting(
     procs: Callable[..., Proc],
 ) -> None:

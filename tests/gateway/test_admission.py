@@ -134,6 +134,8 @@ def test_a_concurrency_slot_is_held_for_as_long_as_its_task_runs(
             worker.stop()
 
 
+# Waits out a lease TTL: make test-all.
+@pytest.mark.slow
 def test_a_killed_workers_concurrency_slot_lapses(
     client: httpx.Client, procs: Callable[..., Proc], redis: Redis
 ) -> None:
