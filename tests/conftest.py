@@ -24,8 +24,9 @@ from tests.helpers import (
     Proc,
     Receiver,
     free_port,
-    start_gateway,
-    start_worker,
+    launch_gateway,
+    start_workers,
+    wait_for_gateway,
     wait_until,
 )
 
@@ -78,10 +79,10 @@ def procs(
 @pytest.fixture(scope="session")
 def gateway(procs: Callable[..., Proc], valkey_url: str) -> str:
     """A gateway serving tests/fns.py with a worker for every function but `parked`."""
-    url = start_gateway(procs, env=GATEWAY_ENV)
+    proc, url = launch_gateway(procs, env=GATEWAY_ENV)
     with Redis.from_url(valkey_url) as redis:
-        for function in SERVED:
-            start_worker(procs, redis, function)
+        start_workers(procs, redis, SERVED)
+    wait_for_gateway(proc, url)
     return url
 
 

@@ -25,9 +25,11 @@ from tests.helpers import (
     clear_function,
     hanging_request,
     http_request,
+    launch_gateway,
     queued,
     start_gateway,
     start_worker,
+    wait_for_gateway,
     wait_until,
 )
 
@@ -39,7 +41,10 @@ def calls(redis: Redis, function: str) -> list[list[object]]:
 @pytest.fixture(scope="module")
 def gateways(gateway: str, procs: Callable[..., Proc]) -> list[str]:
     """The suite's gateway and two more processes like it."""
-    return [gateway, *(start_gateway(procs, env=GATEWAY_ENV) for _ in range(2))]
+    more = [launch_gateway(procs, env=GATEWAY_ENV) for _ in range(2)]
+    for proc, url in more:
+        wait_for_gateway(proc, url)
+    return [gateway, *(url for _, url in more)]
 
 
 def post_all(
