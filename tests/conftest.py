@@ -34,9 +34,9 @@ from tests.helpers import (
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules that start runq processes first, in-process ones last (order kept within each).
 
-    `make test` hands whole modules to two xdist workers in this order (--dist loadfile
+    `make test` hands whole modules to its xdist workers in this order (--dist loadfile
     --no-loadscope-reorder): the long modules start early and the short ones fill in at the end,
-    instead of a module of one 12 s test starting last while the other worker sits idle."""
+    instead of a module of one 12 s test starting last while the others sit idle."""
     starts_processes = {item.path for item in items if "procs" in item.fixturenames}
     items.sort(key=lambda item: item.path not in starts_processes)
 
