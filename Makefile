@@ -38,8 +38,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check runq tests benchmarks examples
 	$(BIN)/mypy
 
+# Three xdist workers on two cores (the suite mostly waits on its processes), each with its own
+# Valkey, gateway and workers; whole modules to each, so a module's own processes start once,
+# in the order tests/conftest.py sets.
 test: lint $(PROMTOOL)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 # Everything, the soak and load runs marked slow included (`make test` leaves them out).
 test-all: lint $(PROMTOOL)

@@ -25,10 +25,21 @@ from tests.helpers import (
     Receiver,
     clear_function,
     free_port,
-    start_gateway,
-    start_worker,
+    launch_gateway,
+    start_workers,
+    wait_for_gateway,
     wait_until,
 )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules that start runq processes first, in-process ones last (order kept within each).
+
+    `make test` hands whole modules to its xdist workers in this order (--dist loadfile
+    --no-loadscope-reorder): the long modules start early and the short ones fill in at the end,
+    instead of a module of one 12 s test starting last while the others sit idle."""
+    starts_processes = {item.path for item in items if "procs" in item.fixturenames}
+    items.sort(key=lambda item: item.path not in starts_processes)
 
 
 @pytest.fixture(scope="session")
@@ -79,17 +90,20 @@ def procs(
 @pytest.fixture(scope="session")
 def gateway(procs: Callable[..., Proc], valkey_url: str) -> str:
     """A gateway serving tests/fns.py with a worker for every function but `parked`."""
-    url = start_gateway(procs, env=GATEWAY_ENV)
+    proc, url = launch_gateway(procs, env=GATEWAY_ENV)
     with Redis.from_url(valkey_url) as redis:
-        for function in SERVED:
-            start_worker(procs, redis, function)
+        start_workers(procs, redis, SERVED)
+    wait_for_gateway(proc, url)
     return url
 
 
 @pytest.fixture(scope="session")
 def gateways(gateway: str, procs: Callable[..., Proc]) -> list[str]:
     """The suite's gateway and two more processes like it."""
-    return [gateway, *(start_gateway(procs, env=GATEWAY_ENV) for _ in range(2))]
+    more = [launch_gateway(procs, env=GATEWAY_ENV) for _ in range(2)]
+    for proc, url in more:
+        wait_for_gateway(proc, url)
+    return [gateway, *(url for _, url in more)]
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import sys
 import termios
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -264,11 +265,22 @@ def start_gateway(
     env: dict[str, str] | None = None,
     target: str = FNS,
 ) -> str:
-    port = free_port()
-    proc = procs("gateway", target, "--port", str(port), *extra, env=env)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = launch_gateway(procs, *extra, env=env, target=target)
     wait_for_gateway(proc, url)
     return url
+
+
+def launch_gateway(
+    procs: Callable[..., Proc],
+    *extra: str,
+    env: dict[str, str] | None = None,
+    target: str = FNS,
+) -> tuple[Proc, str]:
+    """A gateway process started, and its URL, without waiting for it: what else a test starts
+    meanwhile imports in parallel (`wait_for_gateway` before using it)."""
+    port = free_port()
+    proc = procs("gateway", target, "--port", str(port), *extra, env=env)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def wait_for_gateway(proc: Proc, url: str) -> None:
@@ -290,16 +302,32 @@ def start_worker(
     target: str = FNS,
     env: dict[str, str] | None = None,
 ) -> Proc:
-    before = redis.scard(f"rq:workers:runq.{function}")
-    proc = procs("worker", target, "--function", function, env=env)
+    (proc,) = start_workers(procs, redis, [function], target, env)
+    return proc
+
+
+def start_workers(
+    procs: Callable[..., Proc],
+    redis: Redis,
+    functions: list[str],
+    target: str = FNS,
+    env: dict[str, str] | None = None,
+) -> list[Proc]:
+    """A worker per entry of ``functions``, all started before any is awaited: their imports
+    overlap instead of queueing one behind another."""
+    wanted = Counter(functions)
+    keys = {function: f"rq:workers:runq.{function}" for function in wanted}
+    before = {function: redis.scard(key) for function, key in keys.items()}
+    started = [procs("worker", target, "--function", function, env=env) for function in functions]
 
     def registered() -> bool:
-        if not proc.alive():
-            raise AssertionError(f"worker exited:\n{proc.output()}")
-        return bool(redis.scard(f"rq:workers:runq.{function}") > before)
+        for proc in started:
+            if not proc.alive():
+                raise AssertionError(f"worker exited:\n{proc.output()}")
+        return all(redis.scard(keys[f]) >= before[f] + wanted[f] for f in wanted)
 
-    wait_until(registered, 60, f"a worker for {function}")
-    return proc
+    wait_until(registered, 60, f"workers for {', '.join(functions)}")
+    return started
 
 
 GATEWAY_ENV = {

@@ -101,12 +101,24 @@ class OwnGateway:
             self.proc.stop(sig)
 
 
-@pytest.fixture
-def own_gateway(procs: Callable[..., Proc], tmp_path: Path) -> Iterator[OwnGateway]:
-    own = OwnGateway(procs, tmp_path)
-    own.start()
+@pytest.fixture(scope="module")
+def own_gateway_of_module(
+    procs: Callable[..., Proc], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OwnGateway]:
+    # One for the module: each test stops or kills it and starts it again anyway, so a fresh
+    # one per test cost a start and a stop more each (most of these tests' time).
+    own = OwnGateway(procs, tmp_path_factory.mktemp("own-gateway"))
     yield own
     own.stop()
+
+
+@pytest.fixture
+def own_gateway(own_gateway_of_module: OwnGateway) -> OwnGateway:
+    """The module's own gateway, running when the test starts."""
+    own = own_gateway_of_module
+    if own.proc is None or not own.proc.alive():
+        own.start()
+    return own
 
 
 @pytest.fixture

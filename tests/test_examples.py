@@ -8,7 +8,7 @@ from collections.abc import Callable
 import httpx
 from redis import Redis
 
-from tests.helpers import ROOT, Proc, start_gateway, start_worker
+from tests.helpers import ROOT, Proc, launch_gateway, start_worker, wait_for_gateway
 from tests.test_logs import json_lines
 
 EMBED = str(ROOT / "examples" / "embed.py")
@@ -21,10 +21,11 @@ def cosine(a: list[float], b: list[float]) -> float:
 def test_embed_example_answers_unit_vectors_that_carry_meaning(
     procs: Callable[..., Proc], valkey_url: str
 ) -> None:
-    url = start_gateway(procs, target=EMBED)
+    gateway, url = launch_gateway(procs, target=EMBED)
     with Redis.from_url(valkey_url) as redis:
         # Loading torch and the model takes a while on a small CI machine.
         worker = start_worker(procs, redis, "embed", target=EMBED, env={"RUNQ_LOG_FORMAT": "json"})
+    wait_for_gateway(gateway, url)
     sentences = [
         "A cat is sleeping on the sofa.",
         "A kitten naps on the couch.",

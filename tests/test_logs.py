@@ -64,9 +64,9 @@ def test_every_line_of_a_json_gateway_and_worker_is_json_with_request_and_task_i
     port = free_port()
     gateway = procs("gateway", LOGGED, "--port", str(port), env=env)
     url = f"http://127.0.0.1:{port}"
-    wait_for_gateway(gateway, url)
     with Redis.from_url(valkey_url) as redis:
         worker = start_worker(procs, redis, "logged", target=LOGGED, env=env)
+    wait_for_gateway(gateway, url)
     predict = f"{url}/v1/functions/logged/predict"
     sent = httpx.post(predict, json={"input": "warn"}, headers={"X-Request-ID": "caller-id-1"})
     made = httpx.post(predict, json={"input": "ok"})

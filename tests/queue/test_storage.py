@@ -17,7 +17,15 @@ from moto.server import ThreadedMotoServer
 from redis import Redis
 
 from runq.queue.storage import FileStore
-from tests.helpers import ROOT, Proc, free_port, start_gateway, start_worker, wait_until
+from tests.helpers import (
+    ROOT,
+    Proc,
+    free_port,
+    launch_gateway,
+    start_worker,
+    wait_for_gateway,
+    wait_until,
+)
 
 TARGET = str(ROOT / "tests" / "fns_storage.py")
 BUCKET = "runq-test"
@@ -64,9 +72,10 @@ def stored(procs: Callable[..., Proc], valkey_url: str, s3_endpoint: str) -> Ite
         "RUNQ_PREDICTION_LOG_URL": f"s3://{BUCKET}/predictions",
         "RUNQ_MAX_BODY_BYTES": str(16 * 1024 * 1024),
     }
-    url = start_gateway(procs, env=env, target=TARGET)
+    gateway, url = launch_gateway(procs, env=env, target=TARGET)
     with Redis.from_url(valkey_url) as redis:
         start_worker(procs, redis, "mirror", target=TARGET, env=env)
+    wait_for_gateway(gateway, url)
     with httpx.Client(base_url=url, timeout=120) as client:
         yield client
 

