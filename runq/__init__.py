@@ -20,6 +20,7 @@ from runq.errors import (
     WorkerLost,
 )
 from runq.functions import Function, function
+from runq.progress import progress
 
 __all__ = [
     "AsyncClient",
@@ -43,4 +44,5 @@ __all__ = [
     "ValidationFailed",
     "WorkerLost",
     "function",
+    "progress",
 ]

@@ -43,6 +43,9 @@ class Metrics:
     tasks: Counter
     cold_starts: Counter
     predictions_dropped: Counter
+    first_chunk: Histogram
+    between_chunks: Histogram
+    stalls: Counter
 
 
 _metrics: Metrics | None = None
@@ -100,6 +103,23 @@ def _create(request_buckets: tuple[float, ...]) -> Metrics:
         predictions_dropped=Counter(
             "runq_predictions_dropped_total",
             "Sampled predictions not logged: the writer fell behind, or the write failed",
+            ["function"],
+        ),
+        first_chunk=Histogram(
+            "runq_time_to_first_chunk_seconds",
+            "From the start of a streaming task's model call to its first chunk",
+            ["function"],
+            buckets=SECONDS_BUCKETS,
+        ),
+        between_chunks=Histogram(
+            "runq_time_between_chunks_seconds",
+            "Between one chunk of a streaming task and its next",
+            ["function"],
+            buckets=SECONDS_BUCKETS,
+        ),
+        stalls=Counter(
+            "runq_stream_stalls_total",
+            "Gaps between a streaming task's chunks longer than its function's stall_threshold_s",
             ["function"],
         ),
     )

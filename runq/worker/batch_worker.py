@@ -31,6 +31,7 @@ from runq.functions import Function
 from runq.metrics import metrics
 from runq.predlog import PredictionLog, prediction_record
 from runq.queue import constants, storage
+from runq.queue.chunks import ChunkWriter
 from runq.queue.claim import Claimed
 from runq.queue.deployed import LiveSettings
 from runq.queue.maintenance import Maintenance
@@ -52,6 +53,7 @@ from runq.settings import FunctionSettings
 from runq.worker.collect import BatchCollector
 from runq.worker.leases import LeaseKeeper
 from runq.worker.runner import BatchTimeout, ModelRunner
+from runq.worker.streaming import BatchStream
 
 logger = logging.getLogger("runq.worker")
 
@@ -91,6 +93,8 @@ class BatchWorker(SimpleWorker):
         self.runner = ModelRunner(function)
         self.collector = BatchCollector(connection, function, settings, self.name)
         self.recorder = Recorder(connection, function.name, self.name)
+        # Used only by functions that stream or report progress.
+        self.chunks = ChunkWriter(connection, self.name)
         self.leases = LeaseKeeper(connection, function.name, self.name, heartbeat_ttl_s)
         self.reaper = Reaper(connection, function.name, settings.retries)
         self.live = live
@@ -275,7 +279,9 @@ class BatchWorker(SimpleWorker):
         try:
             with _time_limit(limit_s):
                 ran = self.runner.run(
-                    [payload for _, payload in loaded], [running[i].task_id for i, _ in loaded]
+                    [payload for _, payload in loaded],
+                    [running[i].task_id for i, _ in loaded],
+                    BatchStream(self.chunks, self.function.name, self.settings),
                 )
         except BatchTimeout:
             logger.warning("worker %s: batch of %d stopped: %s", self.name, len(running), why)
