@@ -190,6 +190,7 @@ class _Call:
     # A long-poll: the query parameter that holds the wait, and the wait asked for.
     wait_param: str | None = None
     wait_s: float | None = None
+    query: dict[str, str] = field(default_factory=dict)
 
 
 def _path(*parts: str) -> str:
@@ -405,12 +406,14 @@ class _Base:
     ) -> httpx.Request:
         attempts.count += 1
         wait_s = None if call.wait_s is None else attempts.wait_s(call.wait_s)
-        params = {call.wait_param: wait_s} if call.wait_param and wait_s is not None else None
+        params: dict[str, Any] = dict(call.query)
+        if call.wait_param and wait_s is not None:
+            params[call.wait_param] = wait_s
         return http.build_request(
             call.method,
             call.path,
             json=call.body,
-            params=params,
+            params=params or None,
             headers=call.headers,
             timeout=attempts.timeout(self.timeout, wait_s),
         )
@@ -489,7 +492,7 @@ class _Base:
         call = self._predict(function, input, timeout, priority, idempotency_key)
         call.headers["Accept"] = EVENT_STREAM
         # A dropped connection must not cancel the task: the stream is read again from it.
-        call.path += "?on_disconnect=continue"
+        call.query["on_disconnect"] = "continue"
         return call, _Stream(function, self._start(call))
 
     def _stream_retry(self, state: _Stream, call: _Call, exc: Exception) -> float:

@@ -60,3 +60,9 @@ def decode(requests: list[Tokens]) -> Iterator[list[str | None]]:
 def whole(text: str) -> str:
     """Not a generator: a stream of it is its whole output as one chunk."""
     return text.upper()
+
+
+@runq.function(max_batch_size=64, max_latency_ms=1, max_queue=2000)
+def held(values: list[int]) -> Iterator[list[int]]:
+    """Has no worker until its test starts one: its streams wait with their tasks queued."""
+    yield values

@@ -276,16 +276,22 @@ class BatchWorker(SimpleWorker):
                 loaded.append((i, self._input(task)))
             except StorageError as exc:
                 outcomes[i] = failure(ErrorCode.STORAGE_UNAVAILABLE, exc.message)
+        stream = BatchStream(self.chunks, self.function.name, self.settings)
         try:
             with _time_limit(limit_s):
                 ran = self.runner.run(
                     [payload for _, payload in loaded],
                     [running[i].task_id for i, _ in loaded],
-                    BatchStream(self.chunks, self.function.name, self.settings),
+                    stream,
                 )
         except BatchTimeout:
             logger.warning("worker %s: batch of %d stopped: %s", self.name, len(running), why)
             return [failure(ErrorCode.TIMED_OUT, why)] * len(running)
+        for task in running:
+            # The recorded task JSON (a predict's answer, a webhook's body) shows its progress.
+            progressed = stream.progressed.get(task.task_id)
+            if progressed is not None:
+                task.fields[constants.PROGRESS_FIELD.encode()] = progressed
         for (i, _), outcome in zip(loaded, ran, strict=True):
             outcomes[i] = self._stored_if_big(running[i], self._told(running[i], outcome))
         return [outcome for outcome in outcomes if outcome is not None]

@@ -29,6 +29,8 @@ class BatchStream:
         self._started = time.perf_counter()
         # When each task's latest chunk was sent.
         self._last: dict[str, float] = {}
+        # Each task's latest progress JSON, for the task JSON its record answers with.
+        self.progressed: dict[str, bytes] = {}
 
     def chunks(self, chunks: Sequence[tuple[str, bytes]]) -> Mapping[str, Outcome]:
         entries = [(task_id, constants.CHUNK_KIND, data) for task_id, data in chunks]
@@ -51,6 +53,7 @@ class BatchStream:
     def progress(self, task_id: str, fraction: float, message: str | None) -> None:
         data = progress_json(fraction, message, utcformat(now()))
         self._writer.append([(task_id, constants.PROGRESS_KIND, data)], self._settings.max_chunks)
+        self.progressed[task_id] = data
 
     def _observe(self, task_id: str, sent: float) -> None:
         m = metrics()
