@@ -21,6 +21,15 @@ class Tokens(BaseModel):
     delay_s: float = 0.0
     # Tag for CLOSED_KEY, so a test finds its own generator.
     tag: str = ""
+    # A Redis key the run waits for before its first chunk (a test lets it go on).
+    gate: str = ""
+
+
+def _wait_for(gate: str) -> None:
+    with Redis.from_url(os.environ["RUNQ_REDIS_URL"]) as redis:
+        deadline = time.monotonic() + 10
+        while not redis.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def _closed(name: str) -> None:
@@ -46,6 +55,8 @@ def tokens(request: Tokens) -> Iterator[str]:
 def decode(requests: list[Tokens]) -> Iterator[list[str | None]]:
     """A batched decode loop: input i gets ``count`` chunks "<tag>:<step>", None once done."""
     try:
+        for gate in {r.gate for r in requests if r.gate}:
+            _wait_for(gate)
         longest = max(r.count for r in requests)
         for step in range(longest):
             if step:
