@@ -24,6 +24,7 @@ from runq.errors import (
     WorkerLost,
 )
 from runq.functions import Function, function
+from runq.progress import progress
 
 __all__ = [
     "AsyncClient",
@@ -52,4 +53,5 @@ __all__ = [
     "ValidationFailed",
     "WorkerLost",
     "function",
+    "progress",
 ]

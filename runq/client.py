@@ -10,11 +10,13 @@ so a retried submit never makes a second task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import json
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -44,6 +46,7 @@ TERMINAL = frozenset({"succeeded", "failed", "canceled", "timed_out"})
 # Answers worth asking again: overload, a gateway restarting or a proxy's failed hop.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+EVENT_STREAM = "text/event-stream"
 # Transport failures that may pass; a malformed URL or an unsupported scheme will not.
 TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 # ... and those where the request surely never reached the gateway.
@@ -339,6 +342,95 @@ def _given_up(call: _Call, attempts: _Attempts, exc: httpx.TransportError) -> Co
     )
 
 
+# streams -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Event:
+    kind: str = "message"
+    event_id: str | None = None
+    data: str = ""
+
+
+class _EventParser:
+    """Server-sent events from a stream's lines (comments, such as pings, skipped)."""
+
+    def __init__(self) -> None:
+        self._event = _Event()
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> _Event | None:
+        if not line:
+            event, self._event = self._event, _Event()
+            event.data, self._data = "\n".join(self._data), []
+            return event if event.data or event.kind != "message" else None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            self._event.kind = value
+        elif name == "id":
+            self._event.event_id = value
+        elif name == "data":
+            self._data.append(value)
+        return None
+
+
+@dataclass
+class _Stream:
+    """One stream call across its connections: the task it reads, the last chunk it gave."""
+
+    function: str
+    attempts: _Attempts
+    task_id: str | None = None
+    last: int = -1
+    ended: bool = False
+
+    def call(self, predict: _Call) -> _Call:
+        if self.task_id is None:
+            return predict
+        headers = {"Accept": EVENT_STREAM, "Last-Event-ID": str(self.last)}
+        # Resuming: the task's own stream, after the last chunk given (none: from the start).
+        if self.last < 0:
+            del headers["Last-Event-ID"]
+        return _Call("GET", _path("v1", "tasks", self.task_id, "stream"), headers=headers)
+
+    def opened(self, response: httpx.Response) -> None:
+        location = response.headers.get("location", "")
+        if self.task_id is None and location.endswith("/stream"):
+            self.task_id = location.rsplit("/", 2)[-2]
+
+    def chunk(self, event: _Event) -> tuple[bool, Any]:
+        """(whether to give it, the chunk) for a chunk event; raises for an error event."""
+        if event.kind == "chunk":
+            index = int(event.event_id or "-1")
+            if index <= self.last:
+                return False, None
+            self.last = index
+            return True, json.loads(event.data)
+        if event.kind == "end":
+            self.ended = True
+        elif event.kind == "error":
+            error = _event_error(json.loads(event.data), self.attempts)
+            # The gateway lost Redis mid-stream: the stream is read again, the task goes on.
+            self.ended = not isinstance(error, Unavailable)
+            raise error
+        return False, None
+
+
+def _event_error(body: Any, attempts: _Attempts) -> RunqError:
+    """The typed error of a stream's error event (the body an answer would have had)."""
+    try:
+        error = dict(body["error"])
+        code, message = str(error.pop("code")), str(error.pop("message"))
+    except (KeyError, TypeError, ValueError):
+        return RunqError(f"not an error event: {str(body)[:200]}")
+    error["attempts"] = attempts.count
+    if attempts.idempotency_key is not None:
+        error["idempotency_key"] = attempts.idempotency_key
+    cls = _BY_CODE.get(code, RunqError)
+    return cls(message, **error)
+
+
 class _Base:
     """What both clients share: settings, the retry policy, and each call's request."""
 
@@ -437,6 +529,32 @@ class _Base:
             body,
             _key_header(idempotency_key),
         )
+
+    def _stream_call(
+        self,
+        function: str,
+        input: Any,
+        timeout: float | None,
+        priority: Priority | None,
+        idempotency_key: str | None,
+    ) -> tuple[_Call, _Stream]:
+        call = self._predict(function, input, timeout, priority, idempotency_key)
+        call.headers["Accept"] = EVENT_STREAM
+        # A dropped connection must not cancel the task: the stream is read again from it.
+        call.params["on_disconnect"] = "continue"
+        return call, _Stream(function, self._start(call))
+
+    def _stream_retry(self, state: _Stream, call: _Call, exc: Exception) -> float:
+        """Seconds before reading the stream again after it broke; raises when it may not."""
+        if isinstance(exc, httpx.TransportError):
+            # A predict sent again carries its Idempotency-Key: it reaches the same task.
+            delay = self._after(call, state.attempts, exc)
+            assert delay is not None
+            return delay
+        delay = state.attempts.next_delay()
+        if delay is None:
+            raise exc
+        return delay
 
     @staticmethod
     def _status(task_id: str) -> _Call:
@@ -564,6 +682,61 @@ class Client(_Base):
         call = self._submit(function, input, priority, timeout_s, ttl_s, webhook, idempotency_key)
         return _task(*self._send(call), 202)
 
+    def stream(
+        self,
+        function: str,
+        input: Any,
+        *,
+        timeout: float | None = None,
+        priority: Priority | None = None,
+        idempotency_key: str | None = None,
+    ) -> Iterator[Any]:
+        """Runs a streaming ``function`` on ``input`` and yields its chunks as they come.
+
+        A dropped connection is read again from the task's stream after the last chunk given
+        (Last-Event-ID), so no chunk is given twice or missed; ``timeout`` bounds the whole
+        stream. Leaving the loop early cancels the task.
+        """
+        predict, state = self._stream_call(function, input, timeout, priority, idempotency_key)
+        try:
+            while not state.ended:
+                call = state.call(predict)
+                request = self._request(self._http, call, state.attempts)
+                try:
+                    yield from self._stream_once(request, state, call)
+                except (httpx.TransportError, Unavailable) as exc:
+                    time.sleep(self._stream_retry(state, call, exc))
+        finally:
+            if not state.ended and state.task_id is not None:
+                with contextlib.suppress(RunqError):
+                    self.cancel(state.task_id)
+
+    def _stream_once(self, request: httpx.Request, state: _Stream, call: _Call) -> Iterator[Any]:
+        response = self._http.send(request, stream=True)
+        try:
+            if response.status_code != 200:
+                response.read()
+                delay = self._after(call, state.attempts, response)
+                if delay is None:
+                    raise _error(response, state.attempts)
+                time.sleep(delay)
+                return
+            state.opened(response)
+            parser = _EventParser()
+            for line in response.iter_lines():
+                event = parser.feed(line)
+                if event is None:
+                    continue
+                give, chunk = state.chunk(event)
+                if give:
+                    yield chunk
+                if state.ended:
+                    return
+        finally:
+            response.close()
+        if not state.ended:
+            raise httpx.RemoteProtocolError("the stream ended before its end event")
+
     def status(self, task_id: str) -> Task:
         return _task(*self._send(self._status(task_id)), 200)
 
@@ -673,6 +846,56 @@ class AsyncClient(_Base):
     ) -> Task:
         call = self._submit(function, input, priority, timeout_s, ttl_s, webhook, idempotency_key)
         return _task(*await self._send(call), 202)
+
+    async def stream(
+        self,
+        function: str,
+        input: Any,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+        priority: Priority | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncIterator[Any]:
+        """``Client.stream``, iterated with ``async for``."""
+        predict, state = self._stream_call(function, input, timeout, priority, idempotency_key)
+        try:
+            while not state.ended:
+                call = state.call(predict)
+                request = self._request(self._http, call, state.attempts)
+                try:
+                    async for chunk in self._stream_once(request, state, call):
+                        yield chunk
+                except (httpx.TransportError, Unavailable) as exc:
+                    await asyncio.sleep(self._stream_retry(state, call, exc))
+        finally:
+            if not state.ended and state.task_id is not None:
+                with contextlib.suppress(RunqError):
+                    await self.cancel(state.task_id)
+
+    async def _stream_once(
+        self, request: httpx.Request, state: _Stream, call: _Call
+    ) -> AsyncIterator[Any]:
+        async with contextlib.aclosing(await self._http.send(request, stream=True)) as response:
+            if response.status_code != 200:
+                await response.aread()
+                delay = self._after(call, state.attempts, response)
+                if delay is None:
+                    raise _error(response, state.attempts)
+                await asyncio.sleep(delay)
+                return
+            state.opened(response)
+            parser = _EventParser()
+            async for line in response.aiter_lines():
+                event = parser.feed(line)
+                if event is None:
+                    continue
+                give, chunk = state.chunk(event)
+                if give:
+                    yield chunk
+                if state.ended:
+                    return
+        if not state.ended:
+            raise httpx.RemoteProtocolError("the stream ended before its end event")
 
     async def status(self, task_id: str) -> Task:
         return _task(*await self._send(self._status(task_id)), 200)

@@ -7,8 +7,9 @@ import importlib.util
 import inspect
 import re
 import sys
+import types
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
@@ -28,6 +29,9 @@ class Function:
 
     ``target`` is either a callable or a class whose instances have ``setup()`` (optional) and
     ``__call__``. Batched functions take a list of inputs and return a list of the same length.
+    A generator streams: unbatched, it yields chunks for its one input; batched, each yield is
+    a list aligned with the batch's inputs, a chunk or None (nothing this step) per input. Its
+    task's output is the list of its chunks (``output_type`` is ``list[chunk_type]``).
     """
 
     name: str
@@ -41,6 +45,9 @@ class Function:
     # Only a type that says so (Field(allow_inf_nan=True)) takes NaN and Infinity: runq's JSON
     # is strict, and pydantic's plain float would take them.
     allows_inf_nan: bool = False
+    stream: bool = False
+    # What one chunk is (streaming functions only), from the Iterator/Generator return hint.
+    chunk_type: Any = None
 
     def load(self) -> Callable[[Any], Any]:
         """Instantiates and sets up the model: once per worker process, never in the gateway."""
@@ -100,6 +107,10 @@ def function(
                 "joined by single '_' or '-', starting with a letter (it is part of URLs)"
             )
         input_type, output_type = _io_types(obj, batch)
+        stream = inspect.isgeneratorfunction(obj.__call__ if inspect.isclass(obj) else obj)
+        chunk_type = _chunk_type(obj, output_type, batch) if stream else None
+        if stream:
+            output_type = list[chunk_type]  # type: ignore[valid-type]
         input_adapter = TypeAdapter(input_type)
         return Function(
             name=fn_name,
@@ -111,6 +122,8 @@ def function(
             input_adapter=input_adapter,
             example=example if example is not None else _default_example(input_type),
             allows_inf_nan=_says_allow_inf_nan(input_adapter.core_schema),
+            stream=stream,
+            chunk_type=chunk_type,
         )
 
     return declare(target) if target is not None else declare
@@ -148,7 +161,34 @@ def _io_types(obj: Callable[..., Any], batch: bool) -> tuple[Any, Any]:
     output_hint = hints.get("return", Any)
     if not batch:
         return input_hint, output_hint
+    if inspect.isgeneratorfunction(call):
+        # Each yield is the list of the step's chunks; _chunk_type takes it apart.
+        return _item_type(obj, input_hint, "argument"), output_hint
     return _item_type(obj, input_hint, "argument"), _item_type(obj, output_hint, "return value")
+
+
+_STREAMS = (Iterator, Generator, Iterable)
+
+
+def _chunk_type(obj: Callable[..., Any], hint: Any, batch: bool) -> Any:
+    """The chunk type of a generator from its return hint: ``Iterator[C]`` unbatched,
+    ``Iterator[list[C | None]]`` batched (None: no chunk for that input this step)."""
+    if hint is Any:
+        return Any
+    if typing.get_origin(hint) not in _STREAMS:
+        raise ConfigError(
+            f"{obj.__qualname__} is a generator, so its return hint must be Iterator[...] or "
+            f"Generator[...] (got {hint!r})"
+        )
+    args = typing.get_args(hint)
+    step = args[0] if args else Any
+    if not batch:
+        return step
+    item = _item_type(obj, step, "yield")
+    if typing.get_origin(item) in (typing.Union, types.UnionType):
+        kept = [arg for arg in typing.get_args(item) if arg is not type(None)]
+        item = kept[0] if len(kept) == 1 else typing.Union[tuple(kept)]  # noqa: UP007
+    return item
 
 
 def _item_type(obj: Callable[..., Any], hint: Any, what: str) -> Any:

@@ -45,6 +45,9 @@ class Metrics:
     predictions_dropped: Counter
     # Whether request_duration and rejections carry a `tenant` label (metrics_tenant_label).
     tenant_label: bool
+    first_chunk: Histogram
+    between_chunks: Histogram
+    stalls: Counter
 
 
 _metrics: Metrics | None = None
@@ -110,6 +113,23 @@ def _create(request_buckets: tuple[float, ...], tenant_label: bool) -> Metrics:
             ["function"],
         ),
         tenant_label=tenant_label,
+        first_chunk=Histogram(
+            "runq_time_to_first_chunk_seconds",
+            "From the start of a streaming task's model call to its first chunk",
+            ["function"],
+            buckets=SECONDS_BUCKETS,
+        ),
+        between_chunks=Histogram(
+            "runq_time_between_chunks_seconds",
+            "Between one chunk of a streaming task and its next",
+            ["function"],
+            buckets=SECONDS_BUCKETS,
+        ),
+        stalls=Counter(
+            "runq_stream_stalls_total",
+            "Gaps between a streaming task's chunks longer than its function's stall_threshold_s",
+            ["function"],
+        ),
     )
 
 

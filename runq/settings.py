@@ -94,6 +94,11 @@ class FunctionSettings(StrictNumbers):
     # A model exception's type and message reach the caller; off, a generic message does, and
     # the detail stays in the worker log under the task id (messages may hold internals).
     expose_errors: bool = True
+    # A streaming function's chunks per task: one more fails the task (its generator closed),
+    # so a runaway generator cannot grow Redis without bound.
+    max_chunks: int = Field(10_000, ge=1)
+    # A gap between chunks longer than this counts as a stall (runq_stream_stalls_total).
+    stall_threshold_s: float = Field(5.0, gt=0)
 
     @model_validator(mode="after")
     def _replicas_ordered(self) -> FunctionSettings:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -13,17 +14,44 @@ from starlette.exceptions import HTTPException
 
 from runq.errors import (
     BadRequest,
+    Conflict,
     ErrorCode,
+    InvalidOutput,
+    ModelError,
     Overloaded,
     QueueFull,
     RunqError,
+    Timeout,
     TooManyRequests,
     Unavailable,
     ValidationFailed,
+    WorkerLost,
 )
 from runq.gateway.observe import notes
+from runq.queue.tasks import TaskStatus
 
 logger = logging.getLogger("runq.gateway")
+
+
+# How a failed task's predict answers, by its error code; any other code is a model_error.
+_FAILURES: dict[str | None, type[RunqError]] = {
+    ErrorCode.WORKER_LOST: WorkerLost,
+    ErrorCode.INVALID_OUTPUT: InvalidOutput,
+}
+
+
+def ended_error(task: dict[str, Any]) -> RunqError:
+    """What predict answers for a task that ended without an output (failed, timed out,
+    canceled): a predict's error body, or a stream's last event."""
+    task_id = task["id"]
+    error = task.get("error") or {}
+    status = task["status"]
+    if status == TaskStatus.FAILED:
+        failed = _FAILURES.get(error.get("code"), ModelError)
+        return failed(error.get("message", "the function failed"), task_id=task_id)
+    if status == TaskStatus.TIMED_OUT:
+        return Timeout(error.get("message", "the task timed out"), task_id=task_id)
+    return Conflict(error.get("message", f"task {task_id} was canceled"), task_id=task_id)
 
 
 def error_response(error: RunqError) -> JSONResponse:

@@ -28,6 +28,7 @@ IDEMPOTENCY_KEY_MAX_CHARS = 255
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 OnTimeout = Literal["error", "poll"]
+OnDisconnect = Literal["cancel", "continue"]
 # predict's parameters as the schema describes them (the FastAPI route declares them too).
 TIMEOUT_DOC = "seconds to wait for the output"
 ON_TIMEOUT_DOC = (
@@ -35,6 +36,10 @@ ON_TIMEOUT_DOC = (
     "or 202 with the task to poll, which goes on (poll)"
 )
 IDEMPOTENCY_KEY_DOC = "the same key within its TTL answers with the same task"
+ON_DISCONNECT_DOC = (
+    "with Accept: text/event-stream, when the caller hangs up: cancel the task, or let it "
+    "continue (its stream stays readable at /v1/tasks/{id}/stream)"
+)
 
 
 class PredictQuery(BaseModel):
@@ -42,6 +47,7 @@ class PredictQuery(BaseModel):
 
     timeout: float | None = Field(None, gt=0, description=TIMEOUT_DOC)
     on_timeout: OnTimeout = Field("error", description=ON_TIMEOUT_DOC)
+    on_disconnect: OnDisconnect = Field("cancel", description=ON_DISCONNECT_DOC)
 
 
 IdempotencyKey = Annotated[

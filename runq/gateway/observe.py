@@ -71,10 +71,10 @@ def classify(method: str, path: str, functions: Collection[str]) -> tuple[str, s
         method == "GET"
         and len(parts) == 4
         and parts[:2] == ["v1", "tasks"]
-        and parts[3] == "result"
+        and parts[3] in ("result", "stream")
     ):
         # The function is known once the route has read the task.
-        return "", "result"
+        return "", parts[3]
     return None
 
 

@@ -8,6 +8,7 @@ the generic routes (``router``); the helpers every route shares.
 # the route closures annotate with, not their names.
 
 import asyncio
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterator
@@ -25,24 +26,24 @@ from runq.errors import (
     ClientClosedRequest,
     Conflict,
     ErrorCode,
-    InvalidOutput,
-    ModelError,
     NotFound,
-    RunqError,
     Timeout,
     Unavailable,
     ValidationFailed,
-    WorkerLost,
 )
 from runq.functions import Function
+from runq.gateway import stream
 from runq.gateway.auth import Principal, check_scope, principal, require
+from runq.gateway.errors import ended_error
 from runq.gateway.hangup import HangUp
 from runq.gateway.lean import (
     IDEMPOTENCY_KEY_DOC,
     IDEMPOTENCY_KEY_MAX_CHARS,
+    ON_DISCONNECT_DOC,
     ON_TIMEOUT_DOC,
     TIMEOUT_DOC,
     Endpoint,
+    OnDisconnect,
     OnTimeout,
     PredictQuery,
     check_json_content_type,
@@ -64,6 +65,11 @@ from runq.queue.waiter import TaskWaiter
 from runq.settings import FunctionSettings, Settings, StrictNumbers
 
 RETRY_AFTER_PENDING_S = 1
+EVENT_STREAM = stream.EVENT_STREAM
+STREAM_DOC = (
+    "with Accept: text/event-stream: events chunk (id: its index), progress, then end (the "
+    "task) or error"
+)
 WEBHOOK_URL_MAX_CHARS = 2048
 REPLAYED_HEADER = "Idempotent-Replayed"
 TENANT_MAX_CHARS = 256
@@ -93,6 +99,8 @@ class TaskModel(BaseModel):
     tenant: str = Field(description="whose task it is (the API key's tenant)")
     output: Any = None
     error: dict[str, Any] | None = None
+    # {fraction, message, at}: the latest runq.progress() report, once the function made one.
+    progress: dict[str, Any] | None = None
 
 
 class TaskPage(BaseModel):
@@ -189,7 +197,13 @@ def _lean_predict(entry: Served, models: FunctionModels) -> Endpoint:
         request: Request, body: Any, query: PredictQuery, idempotency_key: str | None
     ) -> Response:
         return await predict_task(
-            request, entry, body, query.timeout, query.on_timeout, idempotency_key
+            request,
+            entry,
+            body,
+            query.timeout,
+            query.on_timeout,
+            idempotency_key,
+            query.on_disconnect,
         )
 
     return lean_endpoint(models.predict, lean_predict, _may_predict)
@@ -212,8 +226,11 @@ def _function_routes(app: FastAPI, name: str, entry: Served) -> Endpoint:
             Query(description=ON_TIMEOUT_DOC),
         ] = "error",
         idempotency_key: str | None = Depends(_idempotency_key),
+        on_disconnect: Annotated[OnDisconnect, Query(description=ON_DISCONNECT_DOC)] = "cancel",
     ) -> Response:
-        return await predict_task(request, entry, body, timeout_s, on_timeout, idempotency_key)
+        return await predict_task(
+            request, entry, body, timeout_s, on_timeout, idempotency_key, on_disconnect
+        )
 
     async def submit(
         body: models.submit,  # type: ignore[name-defined]
@@ -235,6 +252,7 @@ def _function_routes(app: FastAPI, name: str, entry: Served) -> Endpoint:
         dependencies=[Depends(require("predict")), Depends(check_json_content_type)],
         response_model=models.task,
         responses={
+            200: {"content": {EVENT_STREAM: {}}, "description": STREAM_DOC},
             202: {"description": "on_timeout=poll and not done yet: poll the task's result"},
             429: {"description": "rate_limited or quota_exceeded; retry after Retry-After"},
             503: {"description": "queue_full or overloaded; retry after Retry-After"},
@@ -266,10 +284,13 @@ async def predict_task(
     timeout_s: float | None,
     on_timeout: OnTimeout,
     idempotency_key: str | None,
+    on_disconnect: OnDisconnect = "cancel",
 ) -> Response:
     settings = _settings(request)
     wait_s = _checked_timeout(timeout_s, settings.default_timeout_s, settings, "timeout")
     check_strict_json(await request.body(), allow_inf_nan=entry.function.allows_inf_nan)
+    if stream.wants_stream(request):
+        return await _predict_stream(request, entry, body, wait_s, idempotency_key, on_disconnect)
     poll = on_timeout == "poll"
     store, waiter = _store(request), _waiter(request)
     admission = Admission(
@@ -288,6 +309,63 @@ async def predict_task(
         )
     notes(request).task_id = admitted.task_id
     return await _predict_answer(store, admitted, task, wait_s, poll=poll)
+
+
+async def _predict_stream(
+    request: Request,
+    entry: Served,
+    body: Any,
+    wait_s: float,
+    idempotency_key: str | None,
+    on_disconnect: OnDisconnect,
+) -> Response:
+    """predict as server-sent events: the task's chunks as they come, within the timeout."""
+    store, waiter = _store(request), _waiter(request)
+    caller = principal(request)
+    held = contextlib.ExitStack()
+    held.enter_context(_inflight(request).hold())
+    try:
+        admitted = await store.enqueue(
+            entry.function.name,
+            entry.settings,
+            _payload(entry, body),
+            Admission(
+                priority=body.priority,
+                start_within_s=wait_s,
+                idempotency_key=idempotency_key,
+                body_digest=_body_digest(body, idempotency_key),
+                tenant=caller.tenant,
+                quota=_quota(caller),
+            ),
+        )
+    except BaseException:
+        held.close()
+        raise
+    task_id = admitted.task_id
+    notes(request).task_id = task_id
+    queue = constants.queue_name(entry.function.name, body.priority, caller.tenant)
+
+    async def give_up(task: dict[str, Any]) -> str:
+        return await _give_up(store, task, admitted, wait_s)
+
+    async def hung_up() -> None:
+        # A replay's caller does not own the task; its first caller may still be reading.
+        if on_disconnect == "cancel" and not admitted.replayed:
+            error = error_json(ErrorCode.CANCELED, "predict's caller hung up")
+            await store.cancel(task_id, queue, which="any", error=error)
+
+    events = stream.relay(
+        store,
+        waiter,
+        task_id,
+        streams=entry.function.stream,
+        deadline=asyncio.get_running_loop().time() + wait_s,
+        give_up=give_up,
+    )
+    headers = {"Location": f"/v1/tasks/{task_id}/stream"}
+    if admitted.replayed:
+        headers[REPLAYED_HEADER] = "true"
+    return stream.EventStream(events, headers, hung_up=hung_up, done=held.close)
 
 
 async def submit_task(
@@ -418,20 +496,7 @@ async def _predict_answer(
             **{"Retry-After": str(RETRY_AFTER_PENDING_S)},
         )
         return _replayed(pending, admitted)
-    error = task.get("error") or {}
-    if status == TaskStatus.FAILED:
-        failed = _FAILURES.get(error.get("code"), ModelError)
-        raise failed(error.get("message", "the function failed"), task_id=task_id)
-    if status == TaskStatus.TIMED_OUT:
-        raise Timeout(error.get("message", "the task timed out"), task_id=task_id)
-    raise Conflict(error.get("message", f"task {task_id} was canceled"), task_id=task_id)
-
-
-# How a failed task's predict answers, by its error code; any other code is a model_error.
-_FAILURES: dict[str | None, type[RunqError]] = {
-    ErrorCode.WORKER_LOST: WorkerLost,
-    ErrorCode.INVALID_OUTPUT: InvalidOutput,
-}
+    raise ended_error(task)
 
 
 async def _give_up(
@@ -637,6 +702,40 @@ async def task_result(
         return _task_response(task)
     redirect_ttl_s = settings.presign_ttl_s if redirect else None
     return await _stored_output(_store(request).objects, task, output_ref, redirect_ttl_s)
+
+
+@router.get(
+    "/v1/tasks/{task_id}/stream",
+    tags=["tasks"],
+    response_class=Response,
+    responses={200: {"content": {EVENT_STREAM: {}}, "description": STREAM_DOC}},
+    dependencies=_READ,
+)
+async def task_stream(
+    task_id: str,
+    request: Request,
+    last_event_id: int | None = Header(
+        None, alias="Last-Event-ID", ge=0, description="resume after this chunk"
+    ),
+) -> Response:
+    """The task's chunks and progress as server-sent events, replayed from the start (or after
+    Last-Event-ID), while it is queued, runs, or within result_ttl_s of its end."""
+    store = _store(request)
+    task = await _task_or_404(store, task_id, _tenant(request), with_output=False)
+    notes(request).task_id = task_id
+    notes(request).function = task["function"]
+    held = contextlib.ExitStack()
+    held.enter_context(_inflight(request).hold())
+    served = _served(request).get(task["function"])
+    events = stream.relay(
+        store,
+        _waiter(request),
+        task_id,
+        after=-1 if last_event_id is None else last_event_id,
+        # A function this gateway does not serve is read as streaming: its chunks, if any.
+        streams=served is None or served.function.stream,
+    )
+    return stream.EventStream(events, {}, done=held.close)
 
 
 @router.post(

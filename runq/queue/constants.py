@@ -75,6 +75,10 @@ DEADLINE_FIELD = "runq_deadline"
 FINISH_BY_FIELD = "runq_finish_by"
 # Where a waiting predict listens.
 REPLY_TO_FIELD = "runq_reply_to"
+# A streaming task's chunks so far, the attempt they belong to, and its latest progress JSON.
+CHUNKS_FIELD = "runq_chunks"
+CHUNKS_ATTEMPT_FIELD = "runq_chunks_attempt"
+PROGRESS_FIELD = "runq_progress"
 # The idempotency key naming the task: deleting the task frees it.
 IDEMPOTENCY_FIELD = "runq_idempotency"
 # Object-store keys of an input or output too big to travel through Redis (claim check).
@@ -92,6 +96,18 @@ QUOTA_FIELD = "runq_quota"
 REPLY_CHANNEL_PREFIX = RUNQ_PREFIX + "reply:"
 # A task's own channel: its id is published here when it ends, for long-polls on any gateway.
 TASK_CHANNEL_PREFIX = RUNQ_PREFIX + "task:"
+# A task's stream of chunks and progress reports (runq:chunks:<id>), a Redis Stream of entries
+# {k: kind, i: chunk index (chunks only), d: JSON}, appended by its worker as the function
+# yields, kept the task's result TTL from the last append, at most its function's max_chunks
+# chunks. Each append publishes the task's id on its channel: open streams re-read it.
+CHUNKS_PREFIX = RUNQ_PREFIX + "chunks:"
+CHUNK_KIND_FIELD = "k"
+CHUNK_INDEX_FIELD = "i"
+CHUNK_DATA_FIELD = "d"
+CHUNK_KIND = "chunk"
+PROGRESS_KIND = "progress"
+# Entries one read of a stream takes; a longer backlog is read in turns.
+CHUNKS_READ_MAX = 256
 # How often a gateway checks that the tasks it waits on still exist. DELETE tells waiters at
 # once; a record that goes without runq's word (`rq empty`, FLUSHDB, an eviction) is only found
 # by looking: one pipelined EXISTS per waited-on task, one round trip per gateway process per
@@ -389,6 +405,10 @@ def task_channel(task_id: str) -> str:
 
 def api_key_key(key_id: str) -> str:
     return API_KEY_PREFIX + key_id
+
+
+def chunks_key(task_id: str) -> str:
+    return CHUNKS_PREFIX + task_id
 
 
 def webhook_key(task_id: str) -> str:

@@ -8,7 +8,7 @@ from runq.queue import constants, lua
 
 # KEYS[1] job hash, KEYS[2] queue list, KEYS[3] results stream, KEYS[4] the job's executions,
 # KEYS[5] started, KEYS[6] finished, KEYS[7] failed, KEYS[8] canceled registry,
-# KEYS[9] the task's webhook delivery, KEYS[10] the webhook due set
+# KEYS[9] the task's webhook delivery, KEYS[10] the webhook due set, KEYS[11] its chunks
 # ARGV[1] task id, ARGV[2] the task's channel
 # Returns 1 when deleted, 0 when there was no such task. Waiters hear the bare task id on the
 # task's channel and on its reply channel, re-read it, find nothing and answer 404 at once
@@ -34,7 +34,7 @@ local reply_to = held[2]
 if held[3] then
   redis.call('ZREM', held[3], ARGV[1])
 end
-redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[9])
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[9], KEYS[11])
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('ZREM', KEYS[7], ARGV[1])
 redis.call('ZREM', KEYS[8], ARGV[1])
@@ -69,6 +69,7 @@ class Delete:
                 constants.canceled_registry_key(queue),
                 constants.webhook_key(task_id),
                 constants.WEBHOOKS_DUE_KEY,
+                constants.chunks_key(task_id),
             ],
             args=[task_id, constants.task_channel(task_id)],
         )

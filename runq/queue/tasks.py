@@ -244,6 +244,9 @@ def task_view(task_id: str, fields: Mapping[bytes, bytes]) -> dict[str, Any]:
     }
     if error is not None:
         task["error"] = error
+    progress = fields.get(constants.PROGRESS_FIELD.encode())
+    if progress:
+        task["progress"] = json.loads(progress)
     return task
 
 

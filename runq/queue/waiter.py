@@ -1,7 +1,8 @@
 """Waiting for tasks to end without a thread, connection or polling loop per waiter.
 
 One pub/sub connection per gateway process carries every notification: whole finished tasks on
-the process's reply channel (predict), and bare task ids on task channels (long-polls, cancels).
+the process's reply channel (predict), and bare task ids on task channels (long-polls, cancels,
+and a streaming task's chunks, which open streams watch).
 Each waiter is a future. A message can be lost (a reconnect, a subscription that raced the end of
 the task), so a waiter that times out re-reads the task before it answers, and every reconnect
 re-reads every task still waited on. A task whose record vanishes with no message at all
@@ -16,6 +17,7 @@ import contextlib
 import logging
 import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -51,6 +53,8 @@ class TaskWaiter:
         # Tasks waited on that are known to have been admitted, with how many wait on each: only
         # these are swept, since a predict's task has no record until its enqueue returns.
         self._admitted: dict[str, int] = defaultdict(int)
+        # Open streams' events, set whenever their task's channel speaks (watch).
+        self._watchers: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -144,6 +148,31 @@ class TaskWaiter:
             self.forget(task_id, future)
             await self._unsubscribe(channel)
 
+    @contextlib.asynccontextmanager
+    async def watch(self, task_id: str) -> AsyncIterator[asyncio.Event]:
+        """An event set whenever the task may have changed: a chunk or progress appended, its
+        end, a cancel or delete, a reconnect (messages may have been lost), or its record
+        found gone. Subscribed before it is yielded, so a read after that misses nothing; the
+        watcher clears it before each read."""
+        channel = constants.task_channel(task_id)
+        changed = asyncio.Event()
+        self._watchers[task_id].add(changed)
+        self._admitted[task_id] += 1
+        try:
+            await self._subscribe(channel)
+            yield changed
+        finally:
+            watchers = self._watchers[task_id]
+            watchers.discard(changed)
+            if not watchers:
+                del self._watchers[task_id]
+            self._unadmit(task_id)
+            await self._unsubscribe(channel)
+
+    def _wake(self, task_id: str) -> None:
+        for changed in self._watchers.get(task_id, ()):
+            changed.set()
+
     def _unadmit(self, task_id: str) -> None:
         self._admitted[task_id] -= 1
         if not self._admitted[task_id]:
@@ -208,6 +237,8 @@ class TaskWaiter:
         # Notifications sent while disconnected are gone: re-read every task still waited on.
         for task_id in list(self._waiting):
             self._spawn(self._refresh(task_id))
+        for task_id in list(self._watchers):
+            self._wake(task_id)
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -227,6 +258,8 @@ class TaskWaiter:
                 task_id = data.decode()
                 if task_id in self._waiting:
                     self._spawn(self._refresh(task_id))
+                if task_id in self._watchers:
+                    self._wake(task_id)
 
     async def _refresh(self, task_id: str) -> None:
         task = await self._store.read(task_id, with_output=True)
@@ -234,6 +267,7 @@ class TaskWaiter:
             self._resolve(task_id, task)
 
     def _resolve(self, task_id: str, task: Ended | None) -> None:
+        self._wake(task_id)
         for future in self._waiting.pop(task_id, ()):
             if not future.done():
                 future.set_result(task)  # type: ignore[arg-type]

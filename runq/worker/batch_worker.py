@@ -32,6 +32,7 @@ from runq.heap import freeze_startup_heap
 from runq.metrics import metrics
 from runq.predlog import PredictionLog, prediction_record
 from runq.queue import constants, storage
+from runq.queue.chunks import ChunkWriter
 from runq.queue.claim import Claimed
 from runq.queue.deployed import LiveSettings
 from runq.queue.maintenance import Maintenance
@@ -54,6 +55,7 @@ from runq.settings import FunctionSettings
 from runq.worker.collect import BatchCollector
 from runq.worker.leases import LeaseKeeper
 from runq.worker.runner import BatchTimeout, ModelRunner
+from runq.worker.streaming import BatchStream
 
 logger = logging.getLogger("runq.worker")
 
@@ -93,6 +95,8 @@ class BatchWorker(SimpleWorker):
         self.runner = ModelRunner(function)
         self.collector = BatchCollector(connection, function, settings, self.name)
         self.recorder = Recorder(connection, function.name, self.name)
+        # Used only by functions that stream or report progress.
+        self.chunks = ChunkWriter(connection, self.name)
         self.leases = LeaseKeeper(connection, function.name, self.name, heartbeat_ttl_s)
         self.reaper = Reaper(connection, function.name, settings.retries)
         self.live = live
@@ -280,14 +284,22 @@ class BatchWorker(SimpleWorker):
                 loaded.append((i, self._input(task)))
             except StorageError as exc:
                 outcomes[i] = failure(ErrorCode.STORAGE_UNAVAILABLE, exc.message)
+        stream = BatchStream(self.chunks, self.function.name, self.settings)
         try:
             with _time_limit(limit_s):
                 ran = self.runner.run(
-                    [payload for _, payload in loaded], [running[i].task_id for i, _ in loaded]
+                    [payload for _, payload in loaded],
+                    [running[i].task_id for i, _ in loaded],
+                    stream,
                 )
         except BatchTimeout:
             logger.warning("worker %s: batch of %d stopped: %s", self.name, len(running), why)
             return [failure(ErrorCode.TIMED_OUT, why)] * len(running)
+        for task in running:
+            # The recorded task JSON (a predict's answer, a webhook's body) shows its progress.
+            progressed = stream.progressed.get(task.task_id)
+            if progressed is not None:
+                task.fields[constants.PROGRESS_FIELD.encode()] = progressed
         for (i, _), outcome in zip(loaded, ran, strict=True):
             outcomes[i] = self._stored_if_big(running[i], self._told(running[i], outcome))
         return [outcome for outcome in outcomes if outcome is not None]

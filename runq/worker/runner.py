@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import TypeAdapter, ValidationError
 
 from runq.errors import ErrorCode
 from runq.functions import Function, validation_message
-from runq.queue.tasks import Outcome, failure
+from runq.progress import reporting
+from runq.queue.tasks import Outcome, failure, output_json
 
 logger = logging.getLogger("runq.worker")
 
@@ -27,20 +29,47 @@ class BatchTimeout(Exception):
     """Raised into a batch that ran past the function's timeout_s."""
 
 
+class Sink(Protocol):
+    """Where a batch's chunks and progress reports go while it runs (the worker's Redis)."""
+
+    def chunks(self, chunks: Sequence[tuple[str, bytes]]) -> Mapping[str, Outcome]:
+        """Sends one step's chunks (task id, chunk JSON); returns the tasks that must stop
+        streaming (canceled meanwhile, or past max_chunks), each with the outcome it ends with."""
+        ...
+
+    def progress(self, task_id: str, fraction: float, message: str | None) -> None: ...
+
+
+class _NoSink:
+    """For a runner used without a worker (its tests): chunks go nowhere, nothing stops."""
+
+    def chunks(self, chunks: Sequence[tuple[str, bytes]]) -> Mapping[str, Outcome]:
+        return {}
+
+    def progress(self, task_id: str, fraction: float, message: str | None) -> None:
+        pass
+
+
 class ModelRunner:
     def __init__(self, function: Function) -> None:
         self.function = function
         self._output = TypeAdapter(function.output_type)
+        self._chunk = TypeAdapter(function.chunk_type) if function.stream else None
         self._call: Callable[[Any], Any] | None = None
+        self._sink: Sink = _NoSink()
 
     def setup(self) -> None:
         self._call = self.function.load()
 
-    def run(self, payloads: Sequence[Any], task_ids: Sequence[str]) -> list[Outcome]:
+    def run(
+        self, payloads: Sequence[Any], task_ids: Sequence[str], sink: Sink | None = None
+    ) -> list[Outcome]:
         """One outcome per payload, in order. Never raises for the model's faults.
 
-        The task ids are for the log lines of the inputs that fail.
+        The task ids are for the log lines of the inputs that fail; ``sink`` takes the chunks
+        of a streaming function and the progress any function reports.
         """
+        self._sink = sink or _NoSink()
         outcomes: list[Outcome | None] = [None] * len(payloads)
         inputs: list[_Input] = []
         positions = []
@@ -50,10 +79,17 @@ class ModelRunner:
                 positions.append(i)
             except ValidationError as exc:
                 outcomes[i] = failure(ErrorCode.VALIDATION_ERROR, validation_message(exc))
-        results = self._run_batch(inputs) if self.function.batch else self._run_each(inputs)
+        results = self._run_inputs(inputs)
         for i, outcome in zip(positions, results, strict=True):
             outcomes[i] = outcome
         return [o for o in outcomes if o is not None]
+
+    def _run_inputs(self, inputs: list[_Input]) -> list[Outcome]:
+        if self.function.stream:
+            if self.function.batch:
+                return self._stream_batch(inputs) if inputs else []
+            return [self._stream_one(item) for item in inputs]
+        return self._run_batch(inputs) if self.function.batch else self._run_each(inputs)
 
     def _run_batch(self, inputs: list[_Input], *, bisecting: bool = False) -> list[Outcome]:
         """Outcomes of one batched call; if it raises, bisects to fail only the poison inputs.
@@ -69,7 +105,8 @@ class ModelRunner:
         if not inputs:
             return []
         try:
-            outputs = self._model([i.value for i in inputs])
+            with self._reporting(inputs):
+                outputs = self._model([i.value for i in inputs])
         except BatchTimeout:
             raise
         # SystemExit, KeyboardInterrupt and the like too: a model that raises them fails its
@@ -121,12 +158,117 @@ class ModelRunner:
         outcomes = []
         for item in inputs:
             try:
-                outcomes.append(self._dump(self._model(item.value)))
+                with self._reporting([item]):
+                    outcomes.append(self._dump(self._model(item.value)))
             except BatchTimeout:
                 raise
             except BaseException as exc:
                 outcomes.append(self._failure(exc, item.task_id))
         return outcomes
+
+    # streaming --------------------------------------------------------------------------------
+
+    def _stream_one(self, item: _Input) -> Outcome:
+        """An unbatched generator's outcome: its chunks, sent as it yields them.
+
+        A task canceled meanwhile stops it: the generator is closed, so its ``finally`` runs.
+        """
+        chunks: list[Any] = []
+        try:
+            with self._reporting([item]), contextlib.closing(self._model(item.value)) as steps:
+                for chunk in steps:
+                    dumped, encoded = self._chunk_json(chunk)
+                    stopped = self._sink.chunks([(item.task_id, encoded)])
+                    if item.task_id in stopped:
+                        return stopped[item.task_id]
+                    chunks.append(dumped)
+        except BatchTimeout:
+            raise
+        except _BadChunk as bad:
+            return failure(ErrorCode.INVALID_OUTPUT, bad.message)
+        except BaseException as exc:
+            return self._failure(exc, item.task_id)
+        return Outcome(output=chunks)
+
+    def _stream_batch(self, inputs: list[_Input]) -> list[Outcome]:
+        """A batched generator's outcomes: each yield is a list aligned with the inputs, a chunk
+        or None per input. An input canceled meanwhile gets no more chunks while its batch-mates
+        go on; once every input has stopped, the generator is closed.
+
+        No bisection: chunks already sent cannot be taken back, so a generator that raises
+        fails every input still streaming.
+        """
+        chunks: list[list[Any]] = [[] for _ in inputs]
+        ended: dict[int, Outcome] = {}
+        try:
+            values = [item.value for item in inputs]
+            with self._reporting(inputs), contextlib.closing(self._model(values)) as steps:
+                for step in steps:
+                    self._stream_step(inputs, step, chunks, ended)
+                    if len(ended) == len(inputs):
+                        break
+        except BatchTimeout:
+            raise
+        except _BadStep as bad:
+            broken = self._broken_contract(inputs, bad.message)[0]
+            ended.update({i: broken for i in range(len(inputs)) if i not in ended})
+        except BaseException as exc:
+            for i, item in enumerate(inputs):
+                ended.setdefault(i, self._failure(exc, item.task_id))
+        return [ended.get(i) or Outcome(output=chunks[i]) for i in range(len(inputs))]
+
+    def _stream_step(
+        self, inputs: list[_Input], step: Any, chunks: list[list[Any]], ended: dict[int, Outcome]
+    ) -> None:
+        if not isinstance(step, Sequence) or isinstance(step, str | bytes):
+            raise _BadStep(
+                f"{self.function.name} is a batched generator and must yield lists; "
+                f"it yielded {type(step).__name__}"
+            )
+        if len(step) != len(inputs):
+            raise _BadStep(
+                f"{self.function.name} yielded {len(step)} chunks for a batch of {len(inputs)} "
+                "inputs; a batched generator yields one chunk or None per input, in order"
+            )
+        sent: list[tuple[int, Any]] = []
+        batch: list[tuple[str, bytes]] = []
+        for i, chunk in enumerate(step):
+            if chunk is None or i in ended:
+                continue
+            try:
+                dumped, encoded = self._chunk_json(chunk)
+            except _BadChunk as bad:
+                ended[i] = failure(ErrorCode.INVALID_OUTPUT, bad.message)
+                continue
+            sent.append((i, dumped))
+            batch.append((inputs[i].task_id, encoded))
+        stopped = self._sink.chunks(batch) if batch else {}
+        for i, dumped in sent:
+            outcome = stopped.get(inputs[i].task_id)
+            if outcome is None:
+                chunks[i].append(dumped)
+            else:
+                ended[i] = outcome
+
+    def _chunk_json(self, chunk: Any) -> tuple[Any, bytes]:
+        assert self._chunk is not None
+        try:
+            dumped = self._chunk.dump_python(chunk, mode="json")
+            return dumped, output_json(dumped)
+        except Exception as exc:
+            raise _BadChunk(
+                f"{self.function.name} yielded a chunk that cannot be sent as JSON: {exc}"
+            ) from None
+
+    def _reporting(self, inputs: list[_Input]) -> contextlib.AbstractContextManager[None]:
+        sink = self._sink
+
+        def report(index: int | None, fraction: float, message: str | None) -> None:
+            chosen = inputs if index is None else [inputs[index]]
+            for item in chosen:
+                sink.progress(item.task_id, fraction, message)
+
+        return reporting(report)
 
     def _failure(self, exc: BaseException, task_id: str) -> Outcome:
         message = f"{type(exc).__name__}: {exc}"
@@ -153,3 +295,15 @@ class ModelRunner:
                 ErrorCode.INVALID_OUTPUT,
                 f"{self.function.name} returned an output that cannot be sent as JSON: {exc}",
             )
+
+
+class _BadChunk(Exception):
+    """A chunk that cannot be sent as JSON: fails its task (invalid_output)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class _BadStep(_BadChunk):
+    """A batched generator's step that is not one chunk or None per input: a contract broken."""

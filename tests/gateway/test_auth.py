@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import time
 from collections.abc import Callable
@@ -86,7 +87,7 @@ def keys(valkey_url: str) -> Keys:
 
 
 def call(url: str, method: str, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
-    headers = bearer(key) if key else {}
+    headers = (bearer(key) if key else {}) | kwargs.pop("headers", {})
     return httpx.request(method, url + path, headers=headers, timeout=10, **kwargs)
 
 
@@ -148,6 +149,7 @@ def test_keys_cli_create_list_revoke_and_a_revoked_key_is_refused_by_both_gatewa
         ("POST", "/v1/functions/admitted/predict"),  # the lean path
         ("POST", "/v1/functions/admitted/tasks"),
         ("GET", "/v1/tasks/some-task"),
+        ("GET", "/v1/tasks/some-task/stream"),
         ("GET", "/v1/functions"),
         ("GET", "/metrics"),
         ("GET", "/v1/no-such-route"),
@@ -204,6 +206,7 @@ def test_a_key_without_the_scope_is_403(gateways: tuple[Gateway, Gateway], keys:
         (keys.read_only, "POST", "/v1/functions/echo/tasks"),
         (keys.predict_only, "GET", "/v1/tasks/some-task"),
         (keys.predict_only, "GET", "/v1/tasks/some-task/result"),
+        (keys.predict_only, "GET", "/v1/tasks/some-task/stream"),
         (keys.predict_only, "POST", "/v1/tasks/some-task/cancel"),
         (keys.predict_only, "DELETE", "/v1/tasks/some-task"),
         (keys.acme, "GET", "/metrics"),
@@ -240,6 +243,7 @@ def test_another_tenants_task_answers_404_exactly_like_a_missing_one(
             ("GET", f"/v1/tasks/{task_id}"),
             ("GET", f"/v1/tasks/{task_id}/result"),
             ("GET", f"/v1/tasks/{task_id}/result?wait=5"),
+            ("GET", f"/v1/tasks/{task_id}/stream"),
             ("POST", f"/v1/tasks/{task_id}/cancel"),
             ("DELETE", f"/v1/tasks/{task_id}"),
         ]
@@ -267,6 +271,43 @@ def test_another_tenants_task_answers_404_exactly_like_a_missing_one(
     assert call(first, "DELETE", f"/v1/tasks/{ids[1]}", keys.admin).status_code == 204
     for task_id in ids:
         assert answers(task_id) == others[task_id]
+
+
+def test_a_streamed_predict_is_its_callers_tenants_and_a_hang_up_cancels_it(
+    gateways: tuple[Gateway, Gateway], keys: Keys
+) -> None:
+    first, second = (gw.url for gw in gateways)
+    sse = {"Accept": "text/event-stream"}
+    with httpx.stream(
+        "POST",
+        first + "/v1/functions/echo/predict",
+        headers=bearer(keys.acme) | sse,
+        json={"input": "streamed"},
+        timeout=10,
+    ) as answer:
+        lines = list(answer.iter_lines())
+    end = json.loads(lines[lines.index("event: end") + 1].removeprefix("data: "))
+    assert end["status"] == "succeeded" and end["tenant"] == "acme"
+    path = f"/v1/tasks/{end['id']}/stream"
+    assert call(second, "GET", path, keys.globex).status_code == 404
+    assert call(second, "GET", path, keys.acme, headers=sse).status_code == 200
+
+    # `admitted` has no worker: the task waits in acme's queue until its caller hangs up.
+    with httpx.stream(
+        "POST",
+        first + "/v1/functions/admitted/predict",
+        headers=bearer(keys.acme) | sse,
+        json={"input": 1},
+        timeout=10,
+    ) as answer:
+        task_id = answer.headers["location"].split("/")[3]
+        assert call(first, "GET", f"/v1/tasks/{task_id}", keys.acme).json()["status"] == "queued"
+
+    def canceled() -> bool:
+        task = call(first, "GET", f"/v1/tasks/{task_id}", keys.acme).json()
+        return bool(task["status"] == "canceled")
+
+    wait_until(canceled, 10, "the hung-up stream's task canceled")
 
 
 def test_idempotency_keys_are_scoped_per_tenant(
