@@ -93,6 +93,19 @@ def decode_queued(redis: Redis) -> int:
     return int(redis.llen("rq:queue:runq.decode"))
 
 
+def hold_decode(url: str) -> str:
+    """Holds `decode`'s worker with a task that waits on a gate, once it runs (a task queued
+    within the batch window would join its batch); returns the gate's key."""
+    gate = f"test:stream:gate:{tag()}"
+    held = httpx.post(
+        f"{url}/v1/functions/decode/tasks", json={"input": {"count": 1, "gate": gate}}
+    )
+    assert held.status_code == 202
+    task = f"{url}/v1/tasks/{held.json()['id']}"
+    wait_until(lambda: httpx.get(task).json()["status"] == "running", 10, "the gate task running")
+    return gate
+
+
 def test_chunks_arrive_long_before_the_task_ends(streaming: tuple[str, str]) -> None:
     url, _ = streaming
     body = {"input": {"count": 5, "delay_s": 0.3}}
@@ -140,11 +153,7 @@ def test_a_batched_generator_of_8_inputs_streams_each_its_own_chunks(
     async def scenario() -> list[list[Event]]:
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             # The worker is held by this one while the 8 queue up: they make one batch.
-            gate = f"test:stream:gate:{tag()}"
-            held = await http.post(
-                "/v1/functions/decode/tasks", json={"input": {"count": 1, "gate": gate}}
-            )
-            assert held.status_code == 202
+            gate = await asyncio.to_thread(hold_decode, url)
 
             async def one(i: int) -> list[Event]:
                 body = {"input": {"count": i + 1, "delay_s": 0.05, "tag": tags[i]}}
@@ -252,9 +261,8 @@ def test_a_batched_generator_s_canceled_input_stops_while_its_batch_mates_go_on(
 ) -> None:
     url, _ = streaming
     tags = [tag() for _ in range(3)]
-    gate = f"test:stream:gate:{tag()}"
+    gate = hold_decode(url)
     with httpx.Client(base_url=url, timeout=30) as http:
-        http.post("/v1/functions/decode/tasks", json={"input": {"count": 1, "gate": gate}})
         ids = [
             http.post(
                 "/v1/functions/decode/tasks",
