@@ -23,6 +23,7 @@ from typing import Any, Literal, Self
 from urllib.parse import quote
 
 import httpx
+from httpx_sse import EventSource, ServerSentEvent
 
 from runq.errors import (
     Conflict,
@@ -346,36 +347,6 @@ def _given_up(call: _Call, attempts: _Attempts, exc: httpx.TransportError) -> Co
 
 
 @dataclass
-class _Event:
-    kind: str = "message"
-    event_id: str | None = None
-    data: str = ""
-
-
-class _EventParser:
-    """Server-sent events from a stream's lines (comments, such as pings, skipped)."""
-
-    def __init__(self) -> None:
-        self._event = _Event()
-        self._data: list[str] = []
-
-    def feed(self, line: str) -> _Event | None:
-        if not line:
-            event, self._event = self._event, _Event()
-            event.data, self._data = "\n".join(self._data), []
-            return event if event.data or event.kind != "message" else None
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "event":
-            self._event.kind = value
-        elif name == "id":
-            self._event.event_id = value
-        elif name == "data":
-            self._data.append(value)
-        return None
-
-
-@dataclass
 class _Stream:
     """One stream call across its connections: the task it reads, the last chunk it gave."""
 
@@ -399,17 +370,17 @@ class _Stream:
         if self.task_id is None and location.endswith("/stream"):
             self.task_id = location.rsplit("/", 2)[-2]
 
-    def chunk(self, event: _Event) -> tuple[bool, Any]:
+    def chunk(self, event: ServerSentEvent) -> tuple[bool, Any]:
         """(whether to give it, the chunk) for a chunk event; raises for an error event."""
-        if event.kind == "chunk":
-            index = int(event.event_id or "-1")
+        if event.event == "chunk":
+            index = int(event.id or "-1")
             if index <= self.last:
                 return False, None
             self.last = index
             return True, json.loads(event.data)
-        if event.kind == "end":
+        if event.event == "end":
             self.ended = True
-        elif event.kind == "error":
+        elif event.event == "error":
             error = _event_error(json.loads(event.data), self.attempts)
             # The gateway lost Redis mid-stream: the stream is read again, the task goes on.
             self.ended = not isinstance(error, Unavailable)
@@ -722,11 +693,7 @@ class Client(_Base):
                 time.sleep(delay)
                 return
             state.opened(response)
-            parser = _EventParser()
-            for line in response.iter_lines():
-                event = parser.feed(line)
-                if event is None:
-                    continue
+            for event in EventSource(response).iter_sse():
                 give, chunk = state.chunk(event)
                 if give:
                     yield chunk
@@ -884,11 +851,7 @@ class AsyncClient(_Base):
                 await asyncio.sleep(delay)
                 return
             state.opened(response)
-            parser = _EventParser()
-            async for line in response.aiter_lines():
-                event = parser.feed(line)
-                if event is None:
-                    continue
+            async for event in EventSource(response).aiter_sse():
                 give, chunk = state.chunk(event)
                 if give:
                     yield chunk

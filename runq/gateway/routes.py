@@ -365,7 +365,7 @@ async def _predict_stream(
     headers = {"Location": f"/v1/tasks/{task_id}/stream"}
     if admitted.replayed:
         headers[REPLAYED_HEADER] = "true"
-    return stream.EventStream(events, headers, hung_up=hung_up, done=held.close)
+    return stream.event_stream(events, headers, hung_up=hung_up, done=held.close)
 
 
 async def submit_task(
@@ -735,7 +735,7 @@ async def task_stream(
         # A function this gateway does not serve is read as streaming: its chunks, if any.
         streams=served is None or served.function.stream,
     )
-    return stream.EventStream(events, {}, done=held.close)
+    return stream.event_stream(events, {}, done=held.close)
 
 
 @router.post(

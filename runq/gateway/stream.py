@@ -6,10 +6,10 @@ A stream is chosen by ``Accept: text/event-stream`` (predict) or asked for by id
 or ``error`` (predict's ``{"error": {...}}`` body). A function that does not stream sends its
 whole output as chunk 0 when it ends. ``Last-Event-ID: n`` resumes after chunk n.
 
-The framing is three fields of one line each, so a few lines of formatting do; runq's JSON has
-no raw newline, so each event's data is one ``data:`` line. An open stream holds a subscription
-on the gateway's shared pub/sub connection (``TaskWaiter.watch``) and borrows a pooled
-connection only for each read: a thousand open streams do not open a thousand connections.
+Framing, pings and hang-ups are sse-starlette's. An open stream holds a subscription on the
+gateway's shared pub/sub connection (``TaskWaiter.watch``) and borrows a pooled connection only
+for each read: a thousand open streams do not open a thousand connections. A gateway that stops
+ends its streams at once; a caller resumes on another with ``Last-Event-ID``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 from runq.errors import NotFound, RunqError, Timeout, Unavailable
 from runq.gateway.errors import ended_error
@@ -36,11 +36,9 @@ from runq.queue.waiter import TaskWaiter
 logger = logging.getLogger("runq.gateway")
 
 EVENT_STREAM = "text/event-stream"
-# A comment line this often keeps proxies and load balancers from closing a quiet stream, and
-# re-reads the task (a safety net under the pub/sub notifications).
+# A comment line this often keeps proxies and load balancers from closing a quiet stream; the
+# task is re-read as often (a safety net under the pub/sub notifications).
 PING_INTERVAL_S = 15.0
-_PING = b": ping\n\n"
-_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def wants_stream(request: Request) -> bool:
@@ -49,15 +47,14 @@ def wants_stream(request: Request) -> bool:
     return accept is not None and EVENT_STREAM in accept
 
 
-def sse(event: bytes, data: bytes, event_id: int | None = None) -> bytes:
-    head = b"event: " + event + b"\n"
-    if event_id is not None:
-        head += b"id: %d\n" % event_id
-    return head + b"data: " + data + b"\n\n"
+def sse(event: str, data: bytes, event_id: int | None = None) -> ServerSentEvent:
+    return ServerSentEvent(
+        data.decode(), event=event, id=None if event_id is None else str(event_id), sep="\n"
+    )
 
 
-def error_event(error: RunqError) -> bytes:
-    return sse(b"error", json.dumps(error.to_body()).encode())
+def error_event(error: RunqError) -> ServerSentEvent:
+    return ServerSentEvent(json.dumps(error.to_body()), event="error", sep="\n")
 
 
 # Called when a predict's stream reaches its timeout with the task not ended: withdraws it if it
@@ -74,7 +71,7 @@ async def relay(
     streams: bool = True,
     deadline: float | None = None,
     give_up: GiveUp | None = None,
-) -> AsyncGenerator[bytes, None]:
+) -> AsyncGenerator[ServerSentEvent, None]:
     """The task's events from the start of its stream, leaving out chunks up to ``after`` and
     what came before them; ends with its end or error, or a timeout at ``deadline`` (the loop's
     clock)."""
@@ -97,11 +94,11 @@ async def relay(
                     if entry.index > after:
                         skipping = False
                         after = entry.index
-                        yield sse(b"chunk", entry.data, entry.index)
+                        yield sse("chunk", entry.data, entry.index)
                     elif entry.index == after:
                         skipping = False
                 elif not skipping:
-                    yield sse(b"progress", entry.data)
+                    yield sse("progress", entry.data)
             if read.more:
                 continue
             task = task_view(task_id, read.fields)
@@ -118,15 +115,13 @@ async def relay(
                     yield error_event(Timeout(message, task_id=task_id))
                     return
                 wait_s = min(wait_s, left)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), wait_s)
-            except TimeoutError:
-                yield _PING
 
 
 async def _ending(
     store: TaskStore, task: dict[str, Any], *, streams: bool, after: int
-) -> AsyncGenerator[bytes, None]:
+) -> AsyncGenerator[ServerSentEvent, None]:
     if task["status"] != TaskStatus.SUCCEEDED:
         yield error_event(ended_error(task))
         return
@@ -134,74 +129,51 @@ async def _ending(
         ended = await store.read(task["id"], with_output=True)
         if ended is not None:
             ended = await store.with_output(ended)
-            yield sse(b"chunk", output_json(ended.get("output")), 0)
-    yield sse(b"end", json.dumps(task).encode())
+            yield sse("chunk", output_json(ended.get("output")), 0)
+    yield sse("end", json.dumps(task).encode())
 
 
-class EventStream(Response):
-    """An SSE answer: ``events`` sent as they come, ``hung_up`` awaited if the caller closes
-    the connection first, ``done`` called at the end whatever happened."""
+def event_stream(
+    events: AsyncGenerator[ServerSentEvent, None],
+    headers: dict[str, str],
+    *,
+    hung_up: Callable[[], Awaitable[None]] | None = None,
+    done: Callable[[], object],
+) -> EventSourceResponse:
+    """An SSE answer: ``events`` sent as they come, ``hung_up`` awaited if the caller closes the
+    connection first, ``done`` called at the end whatever happened (a HEAD never starts
+    ``events``, so it is the background task too; it must bear being called twice)."""
 
-    media_type = EVENT_STREAM
+    async def closed(_: object) -> None:
+        if hung_up is not None:
+            await hung_up()
 
-    def __init__(
-        self,
-        events: AsyncGenerator[bytes, None],
-        headers: dict[str, str],
-        *,
-        hung_up: Callable[[], Awaitable[None]] | None = None,
-        done: Callable[[], object] | None = None,
-    ) -> None:
-        self.status_code = 200
-        self.background = None
-        self.init_headers({**_HEADERS, **headers})
-        self._events = events
-        self._hung_up = hung_up
-        self._done = done
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            pump = asyncio.create_task(self._pump(send), name="runq-stream")
-            gone = asyncio.create_task(_disconnected(receive), name="runq-stream-hangup")
-            await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
-            hung_up = gone.done() and not pump.done()
-            for task in (pump, gone):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            if hung_up and self._hung_up is not None:
-                await self._hung_up()
-        finally:
-            await self._events.aclose()
-            if self._done is not None:
-                self._done()
-
-    async def _pump(self, send: Send) -> None:
-        try:
-            async for event in self._events:
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-        except RunqError as exc:
-            await _send_last(send, error_event(exc))
-            return
-        except (RedisError, OSError) as exc:
-            logger.warning("stream lost the queue store: %s", exc)
-            await _send_last(send, error_event(Unavailable("the queue store is unreachable")))
-            return
-        except Exception:
-            # The log keeps the traceback; the stream never does.
-            logger.exception("unhandled error in a stream")
-            internal = RunqError("internal error; see the gateway log")
-            await _send_last(send, error_event(internal))
-            return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return EventSourceResponse(
+        _guarded(events, done),
+        headers=headers,
+        ping=PING_INTERVAL_S,
+        sep="\n",
+        client_close_handler_callable=closed,
+        background=BackgroundTask(done),
+    )
 
 
-async def _send_last(send: Send, event: bytes) -> None:
-    await send({"type": "http.response.body", "body": event, "more_body": False})
-
-
-async def _disconnected(receive: Receive) -> None:
-    # A GET's empty body may still be unread: skip what is not the disconnect.
-    while (await receive())["type"] != "http.disconnect":
-        pass
+async def _guarded(
+    events: AsyncGenerator[ServerSentEvent, None], done: Callable[[], object]
+) -> AsyncGenerator[ServerSentEvent, None]:
+    """``events``, ended by an error event instead of an exception."""
+    try:
+        async for event in events:
+            yield event
+    except RunqError as exc:
+        yield error_event(exc)
+    except (RedisError, OSError) as exc:
+        logger.warning("stream lost the queue store: %s", exc)
+        yield error_event(Unavailable("the queue store is unreachable"))
+    except Exception:
+        # The log keeps the traceback; the stream never does.
+        logger.exception("unhandled error in a stream")
+        yield error_event(RunqError("internal error; see the gateway log"))
+    finally:
+        await events.aclose()
+        done()
