@@ -36,7 +36,10 @@ class Supervisor:
         return True
 
     def stop(self, grace_s: float, cut_short: CutShort = never) -> None:
-        self.autoscaler.stop(grace_s, cut_short)
-        if self.gateway is not None and self.gateway.poll() is None:
-            self.gateway.send_signal(signal.SIGTERM)
-            terminate([self.gateway], grace_s, cut_short)
+        try:
+            self.autoscaler.stop(grace_s, cut_short)
+        finally:
+            # Whatever stopped the workers short, the gateway is not left running alone.
+            if self.gateway is not None and self.gateway.poll() is None:
+                self.gateway.send_signal(signal.SIGTERM)
+                terminate([self.gateway], grace_s, cut_short)

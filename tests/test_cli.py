@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import threading
@@ -53,6 +54,22 @@ def test_serve_answers_then_stops_cleanly_leaving_no_process(
     assert len(family) >= 3  # Valkey, gateway, worker
     assert proc.stop(sig, timeout_s=30) == 0
     wait_until(lambda: not any(alive(pid) for pid in family), 10, "every child to exit")
+
+
+def test_serve_whose_valkey_died_still_stops_every_child(procs: Callable[..., Proc]) -> None:
+    # Valkey killed (a stop that signals the whole process group, an OOM kill): serve's stop
+    # raised on its first Redis call, exited 1 and left the gateway and the workers running.
+    port = free_port()
+    proc = serve(procs, f"{FNS}:echo", port)
+    family = descendants(proc.pid)
+    valkey = [
+        pid for pid in family if b"valkey-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(valkey) == 1, family
+    os.kill(valkey[0], signal.SIGKILL)
+    assert proc.stop(signal.SIGTERM, timeout_s=30) == 0, proc.output()
+    wait_until(lambda: not any(alive(pid) for pid in family), 10, "every child to exit")
+    assert "Traceback" not in proc.output(), proc.output()
 
 
 def predict_in_background(url: str, seconds: float) -> list[httpx.Response | httpx.HTTPError]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from redis import Redis
 from redis.client import PubSub
+from redis.exceptions import RedisError
 
 from runq.autoscaler.policy import Policy, decide
 from runq.autoscaler.pool import CutShort, WorkerPool, never
@@ -103,7 +104,12 @@ class Autoscaler:
             managed.pool.scale_to(0)
         for managed in self.functions:
             managed.pool.stop(grace_s, cut_short)
-            withdraw_replicas(self.connection, managed.name)
+        try:
+            for managed in self.functions:
+                withdraw_replicas(self.connection, managed.name)
+        except RedisError as exc:
+            # Its figures expire by themselves; the workers are stopped, which is what counts.
+            logger.warning("cannot withdraw the replica counts: %s", exc)
         if self._pubsub is not None:
             self._pubsub.close()
 
