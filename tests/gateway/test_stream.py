@@ -150,7 +150,7 @@ def test_a_batched_generator_of_8_inputs_streams_each_its_own_chunks(
     url, _ = streaming
     tags = [tag() for _ in range(8)]
 
-    async def scenario() -> list[list[Event]]:
+    async def scenario() -> tuple[list[list[Event]], str]:
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             # The worker is held by this one while the 8 queue up: they make one batch.
             gate = await asyncio.to_thread(hold_decode, url)
@@ -164,15 +164,19 @@ def test_a_batched_generator_of_8_inputs_streams_each_its_own_chunks(
 
             calls = asyncio.gather(*(one(i) for i in range(8)))
             await asyncio.to_thread(wait_until, lambda: decode_queued(redis) == 8, 10, "queued")
+            # The batch takes them in queue order, which is the order they reached the gateway.
+            first = redis.lindex("rq:queue:runq.decode", 0)
             redis.set(gate, 1, ex=60)
-            return await calls
+            assert first is not None
+            return await calls, first.decode()
 
-    streams = asyncio.run(scenario())
+    streams, first = asyncio.run(scenario())
     for i, received in enumerate(streams):
         assert chunks(received) == [(str(s), f"{tags[i]}:{s}") for s in range(i + 1)]
         assert received[-1][0] == "end"
         # Progress was reported for input 0 of the batch alone.
-        assert any(kind == "progress" for kind, _, _ in received) == (i == 0)
+        progressed = any(kind == "progress" for kind, _, _ in received)
+        assert progressed == (received[-1][2]["id"] == first)
     wait_until(lambda: closed(redis, "decode:" + ",".join(tags)), 10, "one batch of all 8")
 
 
