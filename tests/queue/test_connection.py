@@ -1,4 +1,5 @@
-"""The gateway's Redis client packs commands with hiredis and still says what redis-py says."""
+"""The gateway's Redis client: values go and come back as redis-py sends them, the URL picks the
+transport, and a Redis restart is ridden through."""
 
 from __future__ import annotations
 
