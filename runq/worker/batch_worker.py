@@ -60,6 +60,8 @@ from runq.worker.streaming import BatchStream
 logger = logging.getLogger("runq.worker")
 
 HEARTBEAT_INTERVAL_S = 10.0
+# How long the teardown waits for RQ's pubsub thread (a daemon) before leaving it behind.
+PUBSUB_STOP_S = 1.0
 SWEEP_INTERVAL_S = 600.0
 SWEEP_MARGIN_S = 24 * 3600.0
 # What a caller reads of a model error when the function does not expose them; the task id
@@ -162,6 +164,16 @@ class BatchWorker(SimpleWorker):
         self._stop_requested = True
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def unsubscribe(self) -> None:
+        """RQ's, with the wait for its pubsub thread bounded. Since redis-py 8.2 the thread's
+        stop() waits for it, and a thread that read the unsubscribe reply before the stop was
+        asked sleeps out RQ's 60 s poll first: a worker told to stop took a minute to leave."""
+        if self.pubsub_thread:
+            self.log.info("Worker %s: unsubscribing from %s", self.name, self.pubsub_channel_name)
+            self.pubsub.unsubscribe()
+            self.pubsub_thread.stop(timeout=PUBSUB_STOP_S)
+            self.pubsub.close()
 
     def _follow_deployed(self) -> None:
         if self.live is None:

