@@ -1,9 +1,10 @@
-"""The gateway's Redis client: a bounded pool that rides through a Redis restart.
+"""The gateway's Redis client: a bounded pool whose connections pack commands with hiredis.
 
-Its connections pack commands with hiredis: redis-py's asyncio connections do so since 8.2
-(runq requires it, and hiredis). Before, they packed in Python, argument by argument, and an
-admission's EVALSHA of some 60 arguments cost about nine times as much gateway CPU
-(benchmarks/run.py --only echo, gateway µs per request).
+An admission is one EVALSHA of some 60 arguments. redis-py's asyncio connections packed them
+in Python, argument by argument, at about nine times hiredis's cost (benchmarks/run.py --only
+echo, gateway µs per request); since 8.2 they use hiredis, but pass every argument through
+their encoder first, which still cost a tenth of a gateway's time under load (cProfile).
+hiredis's own packer takes the arguments as they are, and refuses what the encoder would.
 
 A pooled connection that a Redis restart closed fails its next command; that command is tried
 once more on a fresh connection, so no caller sees the stale one.
@@ -11,10 +12,14 @@ once more on a fresh connection, so no caller sees the stale one.
 
 from __future__ import annotations
 
+from typing import Any
+
+import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError
+from redis.exceptions import ConnectionError, DataError
 
 # Enough for every concurrent enqueue and read of one process; waiters hold no connection.
 POOL_SIZE = 32
@@ -30,4 +35,20 @@ def async_redis(url: str) -> aioredis.Redis:
         # must not run twice.
         retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
     )
+    # The URL chose the transport (TCP, TLS or a unix socket); packing is the same for all.
+    pool.connection_class = _hiredis_packing(pool.connection_class)
     return aioredis.Redis.from_pool(pool)
+
+
+def _hiredis_packing(transport: type[AbstractConnection]) -> type[AbstractConnection]:
+    def pack_command(self: AbstractConnection, *args: Any) -> list[bytes]:
+        command = args[0]
+        if isinstance(command, str) and " " in command:
+            # redis-py names some commands in two words ("SCRIPT LOAD"): two arguments.
+            args = (*command.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:
+            raise DataError(str(exc)) from exc
+
+    return type(f"Hiredis{transport.__name__}", (transport,), {"pack_command": pack_command})

@@ -1,5 +1,4 @@
-"""The gateway's Redis client: values go and come back as redis-py sends them, the URL picks the
-transport, and a Redis restart is ridden through."""
+"""The gateway's Redis client packs commands with hiredis and still says what redis-py says."""
 
 from __future__ import annotations
 
