@@ -255,8 +255,7 @@ def _gateway(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from redis import Redis
-
+    from runq.queue.connection import sync_redis
     from runq.queue.outage import wait_until_reachable
     from runq.queue.storage import ClaimCheck, open_store
     from runq.worker.batch_worker import BatchWorker
@@ -277,7 +276,7 @@ def _worker(args: argparse.Namespace) -> int:
             f"{args.target!r} declares several functions ({', '.join(sorted(functions))}); "
             "choose one with --function"
         )
-    connection = Redis.from_url(redis_url)
+    connection = sync_redis(redis_url)
     # RQ's worker reads from Redis as it is built: a worker started during an outage waits.
     wait_until_reachable(connection, "worker", logger)
     _serve_metrics(settings)
@@ -333,9 +332,8 @@ class _StopFlag:
 
 
 def _autoscaler(settings: Settings, target: str, functions: dict[str, Function]) -> Any:
-    from redis import Redis
-
     from runq.autoscaler.autoscaler import Autoscaler
+    from runq.queue.connection import sync_redis
 
     assert settings.redis_url is not None
     child_env = {**os.environ, **settings_to_env(settings), ENV_TARGET: target}
@@ -344,7 +342,7 @@ def _autoscaler(settings: Settings, target: str, functions: dict[str, Function])
     per_function = _function_settings(settings, functions)
     live = LiveSettings(settings, {name: fn.declared for name, fn in functions.items()})
     return Autoscaler(
-        Redis.from_url(settings.redis_url),
+        sync_redis(settings.redis_url),
         target,
         per_function,
         child_env,
@@ -472,8 +470,9 @@ def _announce(settings: Settings, functions: dict[str, Function], stop: _StopFla
 
 
 def _config_show(args: argparse.Namespace) -> int:
-    from redis import Redis
     from redis.exceptions import RedisError
+
+    from runq.queue.connection import sync_redis
 
     settings, functions = _configured(args)
     declared = {
@@ -486,7 +485,7 @@ def _config_show(args: argparse.Namespace) -> int:
     deployed: Deployed = {}
     if settings.redis_url is not None:
         try:
-            with Redis.from_url(settings.redis_url) as connection:
+            with sync_redis(settings.redis_url) as connection:
                 deployed = deployed_settings(connection)
         except RedisError as exc:
             logger.warning("cannot read deployed settings (%s); showing local sources only", exc)
@@ -500,7 +499,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from redis import Redis
+    from runq.queue.connection import sync_redis
 
     settings, functions = _configured(args)
     redis_url = _redis_url(settings, "deploy")
@@ -508,7 +507,7 @@ def _deploy(args: argparse.Namespace) -> int:
     live = LiveSettings(settings, {name: fn.declared for name, fn in functions.items()})
     # Refused whole: every function's resulting settings must be valid before any is written.
     live.effective(wanted)
-    with Redis.from_url(redis_url) as connection:
+    with sync_redis(redis_url) as connection:
         version = deploy(connection, wanted)
     print(f"deployed version {version}: {', '.join(sorted(wanted)) or 'no overrides'}")
     return 0
@@ -522,13 +521,12 @@ TENANTS_HELP = (
 
 
 def _tenants(args: argparse.Namespace) -> int:
-    from redis import Redis
-
     from runq.queue import tenants
+    from runq.queue.connection import sync_redis
 
     settings = _settings(args)
     redis_url = _redis_url(settings, "tenants")
-    with Redis.from_url(redis_url) as connection:
+    with sync_redis(redis_url) as connection:
         if args.action == "weight":
             if args.name is None or args.weight is None:
                 raise ConfigError("runq tenants weight needs a tenant and a weight: weight NAME W")
@@ -624,9 +622,9 @@ def _keys_command(keys: argparse.ArgumentParser) -> None:
 
 
 def _keys_connection(args: argparse.Namespace) -> Any:
-    from redis import Redis
+    from runq.queue.connection import sync_redis
 
-    return Redis.from_url(_redis_url(_settings(args), "keys"))
+    return sync_redis(_redis_url(_settings(args), "keys"))
 
 
 def _keys_create(args: argparse.Namespace) -> int:

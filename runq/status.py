@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 
 from runq.errors import Unavailable
 from runq.queue import constants, stats
+from runq.queue.connection import sync_redis
 from runq.queue.figures import Figures, FunctionFigures
 from runq.queue.tasks import text
 
@@ -70,7 +71,7 @@ class FunctionStatus:
 
 
 def connect(redis_url: str) -> Redis:
-    return Redis.from_url(
+    return sync_redis(
         redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
     )
 

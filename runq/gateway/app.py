@@ -27,7 +27,7 @@ from runq.gateway.routes import Served
 from runq.heap import freeze_startup_heap
 from runq.metrics import metrics
 from runq.queue import constants
-from runq.queue.connection import async_redis
+from runq.queue.connection import async_redis, sync_redis
 from runq.queue.deployed import LiveSettings
 from runq.queue.maintenance import AsyncMaintenance
 from runq.queue.storage import open_store
@@ -70,7 +70,7 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
         app.state.store = store
         app.state.waiter = waiter
         follower = asyncio.create_task(_follow_deployed(redis, live, served), name="runq-live")
-        webhooks = Redis.from_url(redis_url)
+        webhooks = sync_redis(redis_url)
         sender = _webhook_sender(settings, webhooks)
         if sender is not None:
             sender.start()

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis import Redis
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
@@ -27,6 +26,7 @@ from runq.errors import (
 )
 from runq.queue import constants, storage
 from runq.queue.cancel import Cancel, Purge
+from runq.queue.connection import sync_redis
 from runq.queue.delete import Delete
 from runq.queue.enqueue import Enqueue, Enqueued, Quota, Reply, Request
 from runq.queue.figures import AsyncFigures, FunctionFigures
@@ -120,7 +120,7 @@ class TaskStore:
         self.objects = objects
         self.claim_check = ClaimCheck(objects, inline_max_bytes)
         # RQ's Job wants a connection object to build a job; it never does I/O with it here.
-        self._job_connection = Redis.from_url(redis_url)
+        self._job_connection = sync_redis(redis_url)
         self._enqueue = Enqueue(redis, idempotency_ttl_s)
         self.cancel = Cancel(redis)
         self._delete = Delete(redis)

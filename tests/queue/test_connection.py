@@ -1,4 +1,4 @@
-"""The gateway's Redis client packs commands with hiredis and still says what redis-py says."""
+"""runq's Redis clients pack commands with hiredis and still say what redis-py says."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from redis.asyncio.connection import UnixDomainSocketConnection
 from redis.exceptions import DataError
 
 from runq.embedded import EmbeddedValkey
-from runq.queue.connection import async_redis
+from runq.queue.connection import async_redis, sync_redis
 from tests.helpers import free_port
 
 
@@ -31,6 +31,20 @@ def test_values_of_every_kind_go_and_come_back_as_redis_py_sends_them(valkey_url
 
     replies = asyncio.run(scenario())
     assert replies[1] == ["héllo wörld".encode(), b"\x00\xff", b"1" + b"0" * 30, b"0.1", b""]
+
+
+def test_a_blocking_client_packs_as_the_gateways_does(valkey_url: str) -> None:
+    with sync_redis(valkey_url) as redis:
+        values = {"s": "héllo wörld", "b": b"\x00\xff", "i": 10**30, "f": 0.1, "e": ""}
+        with redis.pipeline(transaction=False) as pipe:
+            pipe.hset("test:sync-packing", mapping=values)
+            pipe.hmget("test:sync-packing", list(values))
+            pipe.delete("test:sync-packing")
+            replies = pipe.execute()
+        assert replies[1] == ["héllo wörld".encode(), b"\x00\xff", b"1" + b"0" * 30, b"0.1", b""]
+        assert redis.script_load("return 1")  # a command redis-py names in two words
+        with pytest.raises(DataError):
+            redis.set("test:sync-packing", True)  # type: ignore[arg-type]
 
 
 def test_the_url_still_chooses_the_transport() -> None:
