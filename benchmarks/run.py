@@ -50,6 +50,7 @@ from harness import (
     after_readyz,
     cell,
     free_port,
+    get_json,
     post_json,
     report_problems,
     runq_serve_argv,
@@ -69,6 +70,8 @@ LUA_SCRIPT = HERE / "wrk_post.lua"
 CONCURRENCIES = (1, 16, 64)
 EMBED_CONCURRENCY = 64
 EMBED_BATCH_SIZE = 32
+# examples/embed.py runs a worker per core (max_replicas), one torch thread each.
+EMBED_REPLICAS = os.cpu_count() or 1
 WARMUP_S = 3
 # Embedding latency at c=64 is hundreds of ms on a small CPU; wrk's 2 s default would turn a
 # slow tail into "timeouts" and drop it from the percentiles.
@@ -395,6 +398,22 @@ def load_table(results: list[LoadResult]) -> str:
 
 
 def bench_offline_embed(sentences_file: Path, duration_s: float) -> dict[str, Any]:
+    """The model called directly in one process, torch's threads as torch sets them."""
+    (result,) = _offline_embed(sentences_file, duration_s, processes=1, threads=None)
+    return result
+
+
+def bench_offline_layout(sentences_file: Path, duration_s: float) -> dict[str, Any]:
+    """The model called directly the way runq serves it: EMBED_REPLICAS processes at once,
+    one torch thread each; their rates added up."""
+    runs = _offline_embed(sentences_file, duration_s, processes=EMBED_REPLICAS, threads=1)
+    rate = sum(run["sentences_per_s"] for run in runs)
+    return {**runs[0], "sentences_per_s": rate, "processes": len(runs)}
+
+
+def _offline_embed(
+    sentences_file: Path, duration_s: float, *, processes: int, threads: int | None
+) -> list[dict[str, Any]]:
     argv = [
         sys.executable,
         str(HERE / "offline_embed.py"),
@@ -403,14 +422,19 @@ def bench_offline_embed(sentences_file: Path, duration_s: float) -> dict[str, An
         str(duration_s),
         "--batch-size",
         str(EMBED_BATCH_SIZE),
+        *([] if threads is None else ["--threads", str(threads)]),
     ]
-    done = subprocess.run(
-        argv, cwd=REPO, capture_output=True, text=True, timeout=duration_s + 300, check=False
-    )
-    if done.returncode != 0:
-        raise BenchError(f"offline embedding failed (exit {done.returncode}):\n{done.stderr}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    running = [
+        subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(processes)
+    ]
+    results = []
+    for process in running:
+        out, err = process.communicate(timeout=duration_s + 300)
+        if process.returncode != 0:
+            raise BenchError(f"offline embedding failed (exit {process.returncode}):\n{err}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
 
 
 def mean_offline(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -424,6 +448,18 @@ def embed_check(url: str, body: object) -> Callable[[], None]:
         output = answer.get("output")
         if not (isinstance(output, list) and len(output) == 384):
             raise BenchError(f"unexpected answer from {url}: {str(answer)[:200]}")
+
+    return check
+
+
+def pool_ready(function_url: str, first: Callable[[], None]) -> Callable[[], None]:
+    """``first``, then every one of the EMBED_REPLICAS workers up."""
+
+    def check() -> None:
+        first()
+        current = get_json(function_url)["replicas"]["current"]
+        if current < EMBED_REPLICAS:
+            raise BenchError(f"{current} of {EMBED_REPLICAS} workers up")
 
     return check
 
@@ -461,13 +497,17 @@ def read_batches(metrics_url: str, function: str) -> Batches:
 
 
 def bench_runq_embed(tmp: Path, bodies: Path, duration_s: float) -> tuple[LoadResult, Batches]:
+    """The example as it is, but with its pool held at full size: the load is measured, not the
+    autoscaler's scale-up (benchmarks/lifecycle.py times cold starts)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1/functions/embed/predict"
     metrics_url = f"http://127.0.0.1:{port}/metrics"
     argv = runq_serve_argv("examples/embed.py", port)
-    server = Server("runq serve examples/embed.py", argv, tmp / "runq_embed.log")
+    env = {"RUNQ_FUNCTIONS__EMBED__MIN_REPLICAS": str(EMBED_REPLICAS)}
+    server = Server("runq serve examples/embed.py", argv, tmp / "runq_embed.log", env)
     body = json.loads(bodies.read_text().splitlines()[0])
-    check = after_readyz(port, embed_check(url, body))
+    function_url = f"http://127.0.0.1:{port}/v1/functions/embed"
+    check = after_readyz(port, pool_ready(function_url, embed_check(url, body)))
     print(f"  runq: starting {server.name}", flush=True)
     with serving(server, check):
         warm_up(url, bodies, EMBED_CONCURRENCY)
@@ -486,7 +526,10 @@ def bench_runq_embed(tmp: Path, bodies: Path, duration_s: float) -> tuple[LoadRe
 
 
 def print_embed(
-    offline: dict[str, Any] | None, served: LoadResult | None, batches: Batches | None = None
+    offline: dict[str, Any] | None,
+    served: LoadResult | None,
+    batches: Batches | None = None,
+    layout: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     print("\nEmbedding: all-MiniLM-L6-v2 on the CPU, one sentence per request")
     summary: dict[str, Any] = {}
@@ -497,6 +540,13 @@ def print_embed(
             f"  {'model called directly, batch ' + str(offline['batch_size']) + ':':<34}"
             f" {offline['sentences_per_s']:>9,.1f} sentences/s"
             + (f" (mean of {runs}, before and after serving)" if runs else "")
+        )
+    if layout is not None:
+        summary["offline_layout_sentences_per_s"] = layout["sentences_per_s"]
+        label = f"the same, {layout['processes']} processes x 1 thread:"
+        print(
+            f"  {label:<34} {layout['sentences_per_s']:>9,.1f} sentences/s"
+            " (the layout runq serves it with, added up)"
         )
     if served is not None:
         summary["runq_sentences_per_s"] = served.rps
@@ -524,6 +574,10 @@ def print_embed(
         summary["ratio"] = ratio
         judged = verdict(ratio >= MIN_EMBED_RATIO, f">= {MIN_EMBED_RATIO:.0%} of direct")
         print(f"  runq / direct: {ratio:.1%}  {judged}")
+        if layout is not None and layout["sentences_per_s"]:
+            same = served.rps / layout["sentences_per_s"]
+            summary["ratio_same_layout"] = same
+            print(f"  runq / direct in runq's layout: {same:.1%}")
     return summary
 
 
@@ -601,8 +655,18 @@ def _run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         assert offline is not None
         print("  direct: timing the model in its own process again", flush=True)
         offline = mean_offline(offline, bench_offline_embed(sentences_file, args.duration))
-        summary = print_embed(offline, served, batches)
-        results["embed"] = {"offline": offline, "runq": asdict(served), **summary}
+        print(
+            f"  direct: timing the model in {EMBED_REPLICAS} processes of one thread",
+            flush=True,
+        )
+        layout = bench_offline_layout(sentences_file, args.duration)
+        summary = print_embed(offline, served, batches, layout)
+        results["embed"] = {
+            "offline": offline,
+            "offline_layout": layout,
+            "runq": asdict(served),
+            **summary,
+        }
     if args.only in (None, "drain"):
         results["drain"] = bench_drain(tmp)
         print_drain(results["drain"])
