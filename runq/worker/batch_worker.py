@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
+import prometheus_client
 from redis import Redis
 from redis.exceptions import RedisError
 from rq.queue import Queue
@@ -114,6 +115,13 @@ class BatchWorker(SimpleWorker):
         maintenance = Maintenance(connection, maintenance_interval_s)
         self._chores.append(Chore(maintenance.try_interval_s, maintenance.run))
         self.batches_run = 0
+        # This worker's metric children, looked up once: labels() takes a lock and checks its
+        # arguments on every call.
+        m = metrics()
+        self._batch_sizes = m.batch_size.labels(function.name)
+        self._execution_seconds = m.execution.labels(function.name)
+        self._queue_waits = m.queue_wait.labels(function.name)
+        self._ended: dict[TaskStatus, prometheus_client.Counter] = {}
 
     # lifecycle ------------------------------------------------------------------------------
 
@@ -203,8 +211,7 @@ class BatchWorker(SimpleWorker):
 
     def process(self, claimed: Claimed) -> None:
         if claimed.expired:
-            expired = metrics().tasks.labels(self.function.name, TaskStatus.TIMED_OUT.value)
-            expired.inc(len(claimed.expired))
+            self._ended_counter(TaskStatus.TIMED_OUT).inc(len(claimed.expired))
         if not claimed.started:
             return
         tasks = [Running.claimed(started) for started in claimed.started]
@@ -257,14 +264,13 @@ class BatchWorker(SimpleWorker):
     ) -> None:
         """The batch's metrics and its log line (task ids, never inputs or outputs)."""
         name = self.function.name
-        m = metrics()
-        m.batch_size.labels(name).observe(len(running))
-        m.execution.labels(name).observe(run_ms / 1000)
+        self._batch_sizes.observe(len(running))
+        self._execution_seconds.observe(run_ms / 1000)
         for task in running:
-            m.queue_wait.labels(name).observe(max(started_s - task.created_s, 0.0))
+            self._queue_waits.observe(max(started_s - task.created_s, 0.0))
         counts = Counter(final_status(outcome) for outcome in results)
         for status, count in counts.items():
-            m.tasks.labels(name, status.value).inc(count)
+            self._ended_counter(status).inc(count)
         logger.info(
             "batch %s of %d ran in %.1f ms: %d succeeded, %d failed, %d timed out, "
             "%d canceled meanwhile",
@@ -282,6 +288,12 @@ class BatchWorker(SimpleWorker):
                 "task_ids": [task.task_id for task in running],
             },
         )
+
+    def _ended_counter(self, status: TaskStatus) -> prometheus_client.Counter:
+        counter = self._ended.get(status)
+        if counter is None:
+            counter = self._ended[status] = metrics().tasks.labels(self.function.name, status.value)
+        return counter
 
     def _execute(self, running: list[Running], claimed: Claimed) -> list[Outcome]:
         if not running:
