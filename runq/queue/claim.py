@@ -84,7 +84,10 @@ local left = 0
 local tenants = redis.call('SMEMBERS', KEYS[10])
 if #tenants == 0 then
   pop(KEYS, wanted)
-  left = redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3])
+  -- A pop that came up short emptied the queues.
+  if #ids == wanted then
+    left = redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3])
+  end
 else
   local names = {DEFAULT_TENANT}
   local fields = {FAIR_VT}
