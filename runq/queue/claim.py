@@ -14,6 +14,7 @@ from rq.utils import now, utcformat
 from rq.worker import WorkerStatus
 
 from runq.queue import constants, lua
+from runq.queue.line import Line
 from runq.queue.tasks import deadline_passed_error
 
 # Takes up to ARGV[1] ids off the function's queues and marks every still-queued task started
@@ -319,8 +320,8 @@ class Claim:
     """Claims batches of one function's tasks for one worker."""
 
     def __init__(self, connection: Redis, function: str, worker_name: str) -> None:
-        self._connection = connection
-        self._script = connection.register_script(CLAIM)
+        self._line = Line(connection)
+        self._script = self._line.script(CLAIM)
         self._worker_name = worker_name
         self._keys = [
             *constants.queue_keys(function),
@@ -369,7 +370,7 @@ class Claim:
         """Blocks until an enqueue (or, at capacity, a freed slot) leaves a token, or block_s."""
         # Tokens are hints: whatever wakes this worker, the next claim decides. A lapsed lease
         # frees a slot without a token, so the timeout doubles as the retry.
-        self._connection.blpop([self._slots_key if at_capacity else self._wake_key], block_s)
+        self._line("BLPOP", self._slots_key if at_capacity else self._wake_key, block_s)
 
 
 def _started(row: list[Any]) -> Started:

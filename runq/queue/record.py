@@ -30,6 +30,7 @@ from rq.worker import WorkerStatus
 
 from runq.queue import constants, lua, replies, stats
 from runq.queue.claim import RawHash, Started
+from runq.queue.line import Line
 from runq.queue.tasks import (
     OUTPUT_REF,
     Outcome,
@@ -252,7 +253,7 @@ class Recorder:
     """Writes one worker's batches, one script call each."""
 
     def __init__(self, connection: Redis, function: str, worker_name: str) -> None:
-        self._script = connection.register_script(RECORD)
+        self._script = Line(connection).script(RECORD)
         self._function = function
         self._worker_name = worker_name
         self._keys = [
