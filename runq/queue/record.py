@@ -233,9 +233,7 @@ class Running:
     @classmethod
     def claimed(cls, started: Started) -> Running:
         # RQ's format, which fromisoformat reads ten times faster than RQ's own utcparse.
-        created = datetime.fromisoformat(
-            started.fields[constants.CREATED_AT_FIELD.encode()].decode()
-        )
+        created = datetime.fromisoformat(started.fields[_CREATED_AT].decode())
         return cls(
             started.task_id,
             started.execution_id,

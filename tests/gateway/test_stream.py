@@ -88,7 +88,9 @@ def closed(redis: Redis, name: str) -> bool:
 def closed_batch(redis: Redis, tags: list[str]) -> bool:
     """A decode batch of exactly these inputs was closed, whatever their order in it."""
     names = (entry.decode() for entry in redis.lrange(CLOSED_KEY, 0, -1))
-    batches = (name.removeprefix("decode:").split(",") for name in names if "decode:" in name)
+    batches = (
+        name.removeprefix("decode:").split(",") for name in names if name.startswith("decode:")
+    )
     return sorted(tags) in (sorted(batch) for batch in batches)
 
 

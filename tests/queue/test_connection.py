@@ -9,7 +9,7 @@ from redis.asyncio.connection import UnixDomainSocketConnection
 from redis.exceptions import DataError
 
 from runq.embedded import EmbeddedValkey
-from runq.queue.connection import async_redis, sync_redis
+from runq.queue.connection import HiredisPacker, async_redis, sync_redis
 from tests.helpers import free_port
 
 
@@ -45,6 +45,7 @@ def test_a_blocking_client_packs_as_the_gateways_does(valkey_url: str) -> None:
         assert redis.script_load("return 1")  # a command redis-py names in two words
         with pytest.raises(DataError):
             redis.set("test:sync-packing", True)  # type: ignore[arg-type]
+        assert isinstance(redis.connection_pool.connection_kwargs["command_packer"], HiredisPacker)
 
 
 def test_the_url_still_chooses_the_transport() -> None:

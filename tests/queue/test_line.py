@@ -20,11 +20,20 @@ def test_a_script_the_server_lost_is_loaded_again(redis: Redis) -> None:
     assert script(keys=["k"], args=["w"]) == b"wk"
 
 
-def test_an_error_reply_is_raised_and_the_line_goes_on(redis: Redis) -> None:
+def test_an_error_reply_is_raised_and_the_line_goes_on_on_its_connection(redis: Redis) -> None:
     line = Line(redis)
+    before = line("CLIENT", "ID")
     with pytest.raises(ResponseError):
         line.script("return redis.error_reply('no')")()
+    assert line("CLIENT", "ID") == before
+
+
+def test_a_line_the_server_closed_while_it_was_idle_connects_again(redis: Redis) -> None:
+    line = Line(redis)
+    before = line("CLIENT", "ID")
+    redis.client_kill_filter(_id=before)
     assert line("PING") == b"PONG"
+    assert line("CLIENT", "ID") != before
 
 
 def test_a_line_whose_server_restarted_connects_again() -> None:
