@@ -37,6 +37,7 @@ import sys
 import tempfile
 import urllib.request
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ from lifecycle import had_errors as lifecycle_had_errors
 from overload import bench_overload, print_overload
 from stages import bench_stages, print_stages
 
+from runq.functions import load_target
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LUA_SCRIPT = HERE / "wrk_post.lua"
@@ -70,8 +73,10 @@ LUA_SCRIPT = HERE / "wrk_post.lua"
 CONCURRENCIES = (1, 16, 64)
 EMBED_CONCURRENCY = 64
 EMBED_BATCH_SIZE = 32
-# examples/embed.py runs a worker per core (max_replicas), one torch thread each.
-EMBED_REPLICAS = os.cpu_count() or 1
+# The workers examples/embed.py runs (its max_replicas: one per core), one torch thread each.
+EMBED_REPLICAS = int(
+    load_target(str(REPO / "examples" / "embed.py"))["embed"].declared["max_replicas"]
+)
 WARMUP_S = 3
 # Embedding latency at c=64 is hundreds of ms on a small CPU; wrk's 2 s default would turn a
 # slow tail into "timeouts" and drop it from the percentiles.
@@ -407,8 +412,12 @@ def bench_offline_layout(sentences_file: Path, duration_s: float) -> dict[str, A
     """The model called directly the way runq serves it: EMBED_REPLICAS processes at once,
     one torch thread each; their rates added up."""
     runs = _offline_embed(sentences_file, duration_s, processes=EMBED_REPLICAS, threads=1)
-    rate = sum(run["sentences_per_s"] for run in runs)
-    return {**runs[0], "sentences_per_s": rate, "processes": len(runs)}
+    return {
+        "sentences_per_s": sum(run["sentences_per_s"] for run in runs),
+        "batch_size": EMBED_BATCH_SIZE,
+        "processes": len(runs),
+        "threads": 1,
+    }
 
 
 def _offline_embed(
@@ -424,17 +433,33 @@ def _offline_embed(
         str(EMBED_BATCH_SIZE),
         *([] if threads is None else ["--threads", str(threads)]),
     ]
-    running = [
-        subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(processes)
-    ]
-    results = []
-    for process in running:
-        out, err = process.communicate(timeout=duration_s + 300)
-        if process.returncode != 0:
-            raise BenchError(f"offline embedding failed (exit {process.returncode}):\n{err}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+    with ExitStack() as stack:
+        running = []
+        for i in range(processes):
+            # A file, not a pipe: a child whose stderr filled a pipe nobody reads yet would stall.
+            err = stack.enter_context((sentences_file.parent / f"offline_{i}.err").open("w+"))
+            process = subprocess.Popen(
+                argv, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True
+            )
+            stack.callback(_ended, process)
+            running.append((process, err))
+        results = []
+        for process, err in running:
+            out, _ = process.communicate(timeout=duration_s + 300)
+            if process.returncode != 0:
+                err.seek(0)
+                raise BenchError(
+                    f"offline embedding failed (exit {process.returncode}):\n{err.read()}"
+                )
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return results
+
+
+def _ended(process: subprocess.Popen[str]) -> None:
+    """A child stopped, whatever became of the others (one failed, or Ctrl-C)."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
 
 
 def mean_offline(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -544,9 +569,10 @@ def print_embed(
     if layout is not None:
         summary["offline_layout_sentences_per_s"] = layout["sentences_per_s"]
         label = f"the same, {layout['processes']} processes x 1 thread:"
+        runs = " and ".join(f"{rate:,.1f}" for rate in layout.get("runs_sentences_per_s", []))
         print(
             f"  {label:<34} {layout['sentences_per_s']:>9,.1f} sentences/s"
-            " (the layout runq serves it with, added up)"
+            " (the layout runq serves it with, added up" + (f"; mean of {runs})" if runs else ")")
         )
     if served is not None:
         summary["runq_sentences_per_s"] = served.rps
@@ -577,7 +603,7 @@ def print_embed(
         if layout is not None and layout["sentences_per_s"]:
             same = served.rps / layout["sentences_per_s"]
             summary["ratio_same_layout"] = same
-            print(f"  runq / direct in runq's layout: {same:.1%}")
+            print(f"  runq / direct in runq's layout: {same:.1%}  (what serving itself costs)")
     return summary
 
 
@@ -632,12 +658,14 @@ def _run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     wrk_runs = "" if args.only in NO_WRK else f", wrk -t1, {WARMUP_S} s warm-up per server"
     print(f"runq benchmarks: {os.cpu_count()} CPUs, {args.duration:g} s per run{wrk_runs}")
     # Offline first: nothing else may compete with the model for the CPU.
-    offline = None
+    offline = layout = None
     if args.only in (None, "embed"):
         print("  direct: timing the model in its own process", flush=True)
         sentences_file = tmp / "sentences.json"
         sentences_file.write_text(json.dumps(sentences))
         offline = bench_offline_embed(sentences_file, args.duration)
+        print(f"  direct: in {EMBED_REPLICAS} processes of one thread", flush=True)
+        layout = bench_offline_layout(sentences_file, args.duration)
     if args.only in (None, "echo"):
         echo = bench_bare_echo(tmp, bodies, args.duration)
         runq_echo, stages = bench_runq_echo(tmp, bodies, args.duration)
@@ -652,14 +680,11 @@ def _run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     if args.only in (None, "embed"):
         served, batches = bench_runq_embed(tmp, bodies, args.duration)
         # The model alone again, after serving: the baseline is the mean of the two runs.
-        assert offline is not None
+        assert offline is not None and layout is not None
         print("  direct: timing the model in its own process again", flush=True)
         offline = mean_offline(offline, bench_offline_embed(sentences_file, args.duration))
-        print(
-            f"  direct: timing the model in {EMBED_REPLICAS} processes of one thread",
-            flush=True,
-        )
-        layout = bench_offline_layout(sentences_file, args.duration)
+        print(f"  direct: in {EMBED_REPLICAS} processes of one thread again", flush=True)
+        layout = mean_offline(layout, bench_offline_layout(sentences_file, args.duration))
         summary = print_embed(offline, served, batches, layout)
         results["embed"] = {
             "offline": offline,
