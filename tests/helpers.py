@@ -463,6 +463,7 @@ def submit_tasks(
             admitted = await asyncio.gather(*map(enqueue, requests))
             return [(a.reply, a.value) for a in admitted]
         finally:
+            await enqueue.aclose()
             await redis.aclose()
 
     with Redis.from_url(url) as job_connection:

@@ -88,6 +88,7 @@ def create_app(settings: Settings, functions: dict[str, Function]) -> FastAPI:
             webhooks.close()
             maintainer.cancel()
             await waiter.stop()
+            await store.aclose()
             await redis.aclose()
 
     # /docs and /redoc load Swagger UI, ReDoc and the favicon from the gateway itself (the package

@@ -18,6 +18,7 @@ from rq.job import JobStatus
 
 from runq.errors import ErrorCode
 from runq.queue import constants, lua
+from runq.queue.line import AsyncLine
 
 # KEYS[1] the task's queue list (its tenant's), KEYS[2] its job hash, KEYS[3] RQ's set of queue
 # keys, KEYS[4..6] the function's queue lists (DEFAULT_TENANT's, every priority), KEYS[7] wake
@@ -227,12 +228,12 @@ class Enqueue:
     """Admits tasks; admissions that arrive in the same event-loop tick share one round trip.
 
     Each admission is still its own script call, atomic against the caps; only the trip to
-    Redis is shared (a pipeline), so a busy gateway pays the client's per-call cost (a pooled
-    connection, a write, a read) once per tick instead of once per request.
+    Redis is shared (one write of all of them, on the process's admissions line), so a busy
+    gateway pays the client's per-call cost once per tick instead of once per request.
     """
 
     def __init__(self, redis: aioredis.Redis, idempotency_ttl_s: int) -> None:
-        self._redis = redis
+        self._line = AsyncLine(redis)
         self._script = redis.register_script(ENQUEUE)
         self._idempotency_ttl_s = idempotency_ttl_s
         self._pending: list[_Pending] = []
@@ -307,13 +308,13 @@ class Enqueue:
             else:
                 pending.reply.set_result(reply)
 
+    async def aclose(self) -> None:
+        await self._line.aclose()
+
     async def _run(self, batch: list[_Pending]) -> list[Any]:
-        if len(batch) == 1:
-            return [await self._script(keys=batch[0].keys, args=batch[0].args)]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for pending in batch:
-                pipe.evalsha(self._script.sha, len(pending.keys), *pending.keys, *pending.args)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        replies = await self._line(
+            [("EVALSHA", self._script.sha, len(p.keys), *p.keys, *p.args) for p in batch]
+        )
         # A server that lost its scripts (a restart, SCRIPT FLUSH) ran none of them: the
         # script object loads it again on its first call, and the rest follow.
         for i, reply in enumerate(replies):

@@ -129,6 +129,10 @@ class TaskStore:
         self._retry = Retry(redis)
         self._purge = Purge(redis)
 
+    async def aclose(self) -> None:
+        await self._enqueue.aclose()
+        self._job_connection.close()
+
     async def enqueue(
         self,
         function: str,

@@ -71,8 +71,8 @@ async def admit_on_gateways(valkey_url: str, batches: list[list[Request]]) -> li
     """Each batch admitted by a gateway of its own (its own connection and Enqueue), all at
     once."""
     connections = [async_redis(valkey_url) for _ in batches]
+    admitters = [Enqueue(redis, idempotency_ttl_s=60) for redis in connections]
     try:
-        admitters = [Enqueue(redis, idempotency_ttl_s=60) for redis in connections]
         return list(
             await asyncio.gather(
                 *(
@@ -82,7 +82,8 @@ async def admit_on_gateways(valkey_url: str, batches: list[list[Request]]) -> li
             )
         )
     finally:
-        for redis in connections:
+        for enqueue, redis in zip(admitters, connections, strict=True):
+            await enqueue.aclose()
             await redis.aclose()
 
 
@@ -101,10 +102,11 @@ def quiet(redis: Redis) -> Iterator[None]:
 
 async def admit_all(valkey_url: str, count: int, max_queue: int) -> list[Enqueued]:
     redis = async_redis(valkey_url)
+    enqueue = Enqueue(redis, idempotency_ttl_s=60)
     try:
-        enqueue = Enqueue(redis, idempotency_ttl_s=60)
         return await asyncio.gather(*(enqueue(request(max_queue)) for _ in range(count)))
     finally:
+        await enqueue.aclose()
         await redis.aclose()
 
 
