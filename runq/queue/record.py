@@ -213,8 +213,8 @@ return written
 )
 
 _SUCCESSFUL = str(Result.Type.SUCCESSFUL.value)
-_CREATED_AT = constants.CREATED_AT_FIELD.encode()
 _FAILED = str(Result.Type.FAILED.value)
+_CREATED_AT = constants.CREATED_AT_FIELD.encode()
 
 
 @dataclass

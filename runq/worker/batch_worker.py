@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import random
@@ -115,13 +116,11 @@ class BatchWorker(SimpleWorker):
         maintenance = Maintenance(connection, maintenance_interval_s)
         self._chores.append(Chore(maintenance.try_interval_s, maintenance.run))
         self.batches_run = 0
-        # This worker's metric children, looked up once: labels() takes a lock and checks its
-        # arguments on every call.
+        # This worker's metric children, looked up once (see _ended).
         m = metrics()
         self._batch_sizes = m.batch_size.labels(function.name)
         self._execution_seconds = m.execution.labels(function.name)
         self._queue_waits = m.queue_wait.labels(function.name)
-        self._ended: dict[TaskStatus, prometheus_client.Counter] = {}
 
     # lifecycle ------------------------------------------------------------------------------
 
@@ -211,7 +210,7 @@ class BatchWorker(SimpleWorker):
 
     def process(self, claimed: Claimed) -> None:
         if claimed.expired:
-            self._ended_counter(TaskStatus.TIMED_OUT).inc(len(claimed.expired))
+            _ended(self.function.name, TaskStatus.TIMED_OUT).inc(len(claimed.expired))
         if not claimed.started:
             return
         tasks = [Running.claimed(started) for started in claimed.started]
@@ -270,7 +269,7 @@ class BatchWorker(SimpleWorker):
             self._queue_waits.observe(max(started_s - task.created_s, 0.0))
         counts = Counter(final_status(outcome) for outcome in results)
         for status, count in counts.items():
-            self._ended_counter(status).inc(count)
+            _ended(name, status).inc(count)
         logger.info(
             "batch %s of %d ran in %.1f ms: %d succeeded, %d failed, %d timed out, "
             "%d canceled meanwhile",
@@ -288,12 +287,6 @@ class BatchWorker(SimpleWorker):
                 "task_ids": [task.task_id for task in running],
             },
         )
-
-    def _ended_counter(self, status: TaskStatus) -> prometheus_client.Counter:
-        counter = self._ended.get(status)
-        if counter is None:
-            counter = self._ended[status] = metrics().tasks.labels(self.function.name, status.value)
-        return counter
 
     def _execute(self, running: list[Running], claimed: Claimed) -> list[Outcome]:
         if not running:
@@ -380,6 +373,13 @@ class BatchWorker(SimpleWorker):
                 limit = left
                 why = "the task's timeout_s passed while it ran, and it was stopped"
         return limit, why
+
+
+@functools.lru_cache(maxsize=64)
+def _ended(function: str, status: TaskStatus) -> prometheus_client.Counter:
+    """The ended-tasks counter's child, looked up once per status, as the gateway's metrics
+    are (labels() takes a lock and checks its arguments on every call)."""
+    return metrics().tasks.labels(function, status.value)
 
 
 @contextlib.contextmanager
