@@ -85,9 +85,10 @@ local left = 0
 local tenants = redis.call('SMEMBERS', KEYS[10])
 if #tenants == 0 then
   pop(KEYS, wanted)
-  -- A pop that came up short emptied the queues.
+  -- A pop that came up short emptied the queues; an empty list is no key, so one EXISTS
+  -- tells whether any is left.
   if #ids == wanted then
-    left = redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3])
+    left = redis.call('EXISTS', KEYS[1], KEYS[2], KEYS[3])
   end
 else
   local names = {DEFAULT_TENANT}

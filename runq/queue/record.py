@@ -59,7 +59,8 @@ local worker, ended_at = ARGV[1], ARGV[2]
 local replies, channels, written, counts = {}, {}, {}, {}
 -- Members to add or remove, by key: one variadic call per key for the whole batch.
 local finished, runs = {}, {}
-local executions, composites, ids = {}, {}, {}
+-- Keys to delete: the batch's executions, and the executions indexes of the tasks it ended.
+local gone, composites, ids = {}, {}, {}
 local succeeded, failed, ended = 0, 0, 0
 for i = 5, #ARGV, TASK_ARGS do
   local id, execution, queue, kind = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
@@ -125,10 +126,16 @@ for i = 5, #ARGV, TASK_ARGS do
     counts[ARGV[i + 8]] = (counts[ARGV[i + 8]] or 0) + 1
     counts[ARGV[i + 9]] = (counts[ARGV[i + 9]] or 0) + 1
   end
-  -- The run is over whoever owns the task now: its execution ends with it.
-  redis.call('ZREM', EXECUTIONS_PREFIX .. id, execution)
+  -- The run is over whoever owns the task now: its execution ends with it. An ended task
+  -- has no run left, so its executions index goes in the batch's one DEL; one that is
+  -- another worker's now keeps that worker's run in it.
+  if mine then
+    gone[#gone + 1] = EXECUTIONS_PREFIX .. id
+  else
+    redis.call('ZREM', EXECUTIONS_PREFIX .. id, execution)
+  end
   add(runs, STARTED_PREFIX .. queue, composite)
-  executions[#executions + 1] = EXECUTION_PREFIX .. composite
+  gone[#gone + 1] = EXECUTION_PREFIX .. composite
   composites[#composites + 1] = composite
   ids[#ids + 1] = id
 end
@@ -138,7 +145,7 @@ end
 for registry, members in pairs(runs) do
   call_with('ZREM', registry, members)
 end
-call_with('DEL', nil, executions)
+call_with('DEL', nil, gone)
 call_with('SREM', KEYS[4], composites)
 call_with('ZREM', KEYS[1], ids)
 if succeeded > 0 then

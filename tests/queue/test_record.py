@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 from redis import Redis
+from rq.job import Job
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
 
 from runq.queue import constants
 from runq.queue.claim import Claim
 from runq.queue.enqueue import ENQUEUE, Enqueue, Request
+from runq.queue.reaper import Reaper
 from runq.queue.record import Recorder, Running
 from runq.queue.tasks import Outcome, new_job_fields
 from runq.settings import FunctionSettings
@@ -35,8 +38,32 @@ def test_a_batch_too_big_for_one_variadic_call_is_recorded_whole(redis: Redis) -
     assert redis.scard(constants.worker_executions_key(worker)) == 0
     assert redis.zcard(constants.leases_key(function)) == 0
     assert not redis.exists(*(f"rq:execution:{t.task_id}:{t.execution_id}" for t in tasks[:50]))
+    assert not redis.exists(*(f"rq:executions:{t.task_id}" for t in tasks[:50]))
     # A freed slot wakes a worker; more tokens than slots would wake no one new.
     assert redis.llen(constants.slots_key(function)) == 4
+
+
+def test_a_late_record_of_a_lost_run_leaves_the_new_runs_execution_to_rq(redis: Redis) -> None:
+    function = "relet"
+    clear_function(redis, function)
+    _queue(redis, function, 1)
+    lost = Claim(redis, function, "lost-worker")(1, None)
+    # Its lease lapses (the worker stopped answering) and the task goes to another worker.
+    (task_id,) = [started.task_id for started in lost.started]
+    redis.zadd(constants.leases_key(function), {task_id: 0})
+    assert Reaper(redis, function, retries=1).reap() == ([task_id], [])
+    again = Claim(redis, function, "new-worker")(1, None)
+    (running,) = [Running.claimed(started) for started in again.started]
+    job = Job.fetch(task_id, connection=redis, serializer=JSONSerializer)
+
+    late = Recorder(redis, function, "lost-worker")
+    tasks = [Running.claimed(started) for started in lost.started]
+    assert late.record(tasks, [Outcome(output="late")], None) == [None]
+    assert [e.id for e in job.get_executions()] == [running.execution_id]
+
+    assert Recorder(redis, function, "new-worker").record([running], [Outcome(output=1)], None)
+    assert job.get_executions() == []
+    assert job.get_status(refresh=True) == "finished"
 
 
 def _queue(redis: Redis, function: str, count: int) -> None:
@@ -53,7 +80,7 @@ def _queue(redis: Redis, function: str, count: int) -> None:
                 reply_to=None,
                 connection=redis,
             )
-            request = Request(function, f"big{i}", constants.DEFAULT_PRIORITY, fields, count)
+            request = Request(function, f"{function}{i}", constants.DEFAULT_PRIORITY, fields, count)
             keys, args = enqueue._keys_and_args(request)
             script(keys=keys, args=args, client=pipe)
         pipe.execute()
