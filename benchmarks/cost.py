@@ -26,7 +26,9 @@ ROLES = (GATEWAY, WORKER, REDIS, SUPERVISOR)
 # Valkey (like Redis) sets its process title to "valkey-server HOST:PORT".
 _REDIS_TITLE = re.compile(rb"(?:valkey|redis)-server\S*\s+(\S+):(\d+)")
 _REDIS_BINARIES = (b"valkey-server", b"redis-server")
-# `runq COMMAND` and `rq worker`, by the word after the program's name.
+# `runq COMMAND`, `rq worker` and benchmarks/queue_floor.py's processes, by the word after the
+# program's name.
+_PROGRAMS = (b"/runq", b"/rq", b"queue_floor.py")
 _COMMAND_ROLES = {b"gateway": GATEWAY, b"worker": WORKER, b"serve": SUPERVISOR}
 
 TOP_COMMANDS = 6
@@ -91,7 +93,7 @@ def role_of(argv: list[bytes], parent_role: str | None) -> str:
     if _REDIS_TITLE.search(b" ".join(words)) or (words and words[0].endswith(_REDIS_BINARIES)):
         return REDIS
     for index, word in enumerate(words[:-1]):
-        if word in (b"runq", b"rq", b"rq.cli") or word.endswith((b"/runq", b"/rq")):
+        if word in (b"runq", b"rq", b"rq.cli") or word.endswith(_PROGRAMS):
             return _COMMAND_ROLES.get(words[index + 1], parent_role or GATEWAY)
     return parent_role or GATEWAY
 

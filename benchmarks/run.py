@@ -3,7 +3,9 @@
 1. Echo: a bare FastAPI echo app versus runq's echo predict, under the same wrk load at
    concurrency 1, 16 and 64. Shows what the queue and the worker cost per request: next to the
    rates, the CPU each process role spent per request (gateway, worker, Redis; from /proc, see
-   benchmarks/cost.py) and the Redis commands per request.
+   benchmarks/cost.py) and the Redis commands per request. Beside them, the floor: bare's app
+   with a plain Redis list and worker process between it and its answer
+   (benchmarks/queue_floor.py), what any queue costs here before runq's guarantees.
 2. Embedding: all-MiniLM-L6-v2 called directly at batch 32 versus runq's embed predict at
    concurrency 64 (one sentence per request), with the same per-request costs. Shows how much
    of the model's rate survives serving.
@@ -268,6 +270,16 @@ def bench_bare_echo(tmp: Path, bodies: Path, duration_s: float) -> list[LoadResu
     return _bench_echo_target(server, "bare", url, bodies, duration_s)
 
 
+def bench_floor_echo(tmp: Path, bodies: Path, duration_s: float) -> list[LoadResult]:
+    """bare_echo.py's app with a Redis list and a worker process between it and its answer: the
+    least a queue costs here (benchmarks/queue_floor.py)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/echo"
+    argv = [sys.executable, str(HERE / "queue_floor.py"), "gateway", "--port", str(port)]
+    server = Server("queue floor", argv, tmp / "queue_floor.log")
+    return _bench_echo_target(server, "floor", url, bodies, duration_s)
+
+
 def bench_runq_echo(
     tmp: Path, bodies: Path, duration_s: float
 ) -> tuple[list[LoadResult], dict[str, Any]]:
@@ -329,18 +341,21 @@ def echo_ratios(results: list[LoadResult]) -> list[dict[str, Any]]:
     for concurrency in CONCURRENCIES:
         bare = [r for r in results if r.target == "bare" and r.concurrency == concurrency]
         runq = [r for r in results if r.target == "runq" and r.concurrency == concurrency]
+        floor = [r for r in results if r.target == "floor" and r.concurrency == concurrency]
         if not bare or not runq:
             continue
         bare_rps = sum(r.rps for r in bare) / len(bare)
         bare_p50_ms = sum(r.p50_ms for r in bare) / len(bare)
-        ratios.append(
-            {
-                "concurrency": concurrency,
-                "bare_rps": bare_rps,
-                "rps_ratio": runq[0].rps / bare_rps if bare_rps else 0.0,
-                "added_p50_ms": runq[0].p50_ms - bare_p50_ms,
-            }
-        )
+        row = {
+            "concurrency": concurrency,
+            "bare_rps": bare_rps,
+            "rps_ratio": runq[0].rps / bare_rps if bare_rps else 0.0,
+            "added_p50_ms": runq[0].p50_ms - bare_p50_ms,
+        }
+        if floor:
+            row["floor_rps_ratio"] = floor[0].rps / bare_rps if bare_rps else 0.0
+            row["floor_added_p50_ms"] = floor[0].p50_ms - bare_p50_ms
+        ratios.append(row)
     return ratios
 
 
@@ -352,9 +367,18 @@ def print_echo(results: list[LoadResult], ratios: list[dict[str, Any]], duration
         if r.cost.redis_top:
             print(f"  {r.target} c={r.concurrency} Redis commands per request: {top_text(r.cost)}")
     print("  bare ran before and after runq: the ratios below take the mean of its two runs")
-    print(f"\n{'conc':>4}  {'runq/bare req/s':>15}  {'added p50 ms':>12}  target")
+    print(
+        "  floor: bare's app with a Redis list and a worker process between it and its answer"
+        " (benchmarks/queue_floor.py), the least any queue costs here"
+    )
+    print(
+        f"\n{'conc':>4}  {'runq/bare req/s':>15}  {'added p50 ms':>12}"
+        f"  {'floor/bare':>10}  {'floor added':>11}  target"
+    )
     for row in ratios:
         concurrency, ratio, added = row["concurrency"], row["rps_ratio"], row["added_p50_ms"]
+        floor_ratio = f"{row['floor_rps_ratio']:>10.1%}" if "floor_rps_ratio" in row else "-"
+        floor_added = cell(row.get("floor_added_p50_ms"), 11, 2)
         target = ""
         if concurrency == 64:
             target = verdict(
@@ -362,7 +386,10 @@ def print_echo(results: list[LoadResult], ratios: list[dict[str, Any]], duration
             )
         elif concurrency == 1:
             target = verdict(added <= MAX_ADDED_P50_MS_C1, f"added p50 <= {MAX_ADDED_P50_MS_C1} ms")
-        print(f"{concurrency:>4}  {ratio:>15.1%}  {added:>12.2f}  {target}".rstrip())
+        print(
+            f"{concurrency:>4}  {ratio:>15.1%}  {added:>12.2f}  {floor_ratio:>10}  {floor_added}"
+            f"  {target}".rstrip()
+        )
 
 
 COST_LEGEND = (
@@ -670,6 +697,7 @@ def _run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         echo = bench_bare_echo(tmp, bodies, args.duration)
         runq_echo, stages = bench_runq_echo(tmp, bodies, args.duration)
         echo += runq_echo
+        echo += bench_floor_echo(tmp, bodies, args.duration)
         echo += bench_bare_echo(tmp, bodies, args.duration)
         ratios = echo_ratios(echo)
         print_echo(echo, ratios, args.duration)
