@@ -29,19 +29,24 @@ async def echo(body: EchoIn) -> dict[str, Any]:
     return {"output": body.input}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
+def serve(asgi_app: FastAPI, port: int) -> None:
+    """uvicorn as the module docstring says; benchmarks/queue_floor.py serves its app so too."""
     uvicorn.run(
-        app,
+        asgi_app,
         host="127.0.0.1",
-        port=args.port,
+        port=port,
         workers=1,
         backlog=2048,
         access_log=False,
         log_level="warning",
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    serve(app, args.port)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-import uvicorn
-from bare_echo import EchoIn
+from bare_echo import EchoIn, serve
 from fastapi import FastAPI
 from harness import stop_on_sigterm
 
@@ -111,15 +110,7 @@ def main() -> None:
     valkey.start()
     worker = subprocess.Popen([sys.executable, __file__, "worker", valkey.url])
     try:
-        uvicorn.run(
-            build_app(valkey.url),
-            host="127.0.0.1",
-            port=args.port,
-            workers=1,
-            backlog=2048,
-            access_log=False,
-            log_level="warning",
-        )
+        serve(build_app(valkey.url), args.port)
     except KeyboardInterrupt:
         pass
     finally:
