@@ -60,7 +60,7 @@ local replies, channels, written, counts = {}, {}, {}, {}
 -- Members to add or remove, by key: one variadic call per key for the whole batch.
 local finished, runs = {}, {}
 -- Keys to delete: the batch's executions, and the executions indexes of the tasks it ended.
-local gone, composites, ids = {}, {}, {}
+local gone, composites, leased = {}, {}, {}
 local succeeded, failed, ended = 0, 0, 0
 for i = 5, #ARGV, TASK_ARGS do
   local id, execution, queue, kind = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
@@ -137,7 +137,11 @@ for i = 5, #ARGV, TASK_ARGS do
   add(runs, STARTED_PREFIX .. queue, composite)
   gone[#gone + 1] = EXECUTION_PREFIX .. composite
   composites[#composites + 1] = composite
-  ids[#ids + 1] = id
+  -- Its lease ends with it too, unless its lease lapsed and it runs again elsewhere: that
+  -- lease is the other worker's, and without it a crash of that worker would go unreaped.
+  if mine or held[1] ~= STARTED then
+    leased[#leased + 1] = id
+  end
 end
 for registry, members in pairs(finished) do
   call_with('ZADD', registry, members)
@@ -147,7 +151,7 @@ for registry, members in pairs(runs) do
 end
 call_with('DEL', nil, gone)
 call_with('SREM', KEYS[4], composites)
-call_with('ZREM', KEYS[1], ids)
+call_with('ZREM', KEYS[1], leased)
 if succeeded > 0 then
   redis.call('HINCRBY', KEYS[3], 'successful_job_count', succeeded)
 end

@@ -43,7 +43,9 @@ def test_a_batch_too_big_for_one_variadic_call_is_recorded_whole(redis: Redis) -
     assert redis.llen(constants.slots_key(function)) == 4
 
 
-def test_a_late_record_of_a_lost_run_leaves_the_new_runs_execution_to_rq(redis: Redis) -> None:
+def test_a_late_record_of_a_lost_run_leaves_the_new_run_its_lease_and_execution(
+    redis: Redis,
+) -> None:
     function = "relet"
     clear_function(redis, function)
     _queue(redis, function, 1)
@@ -60,10 +62,16 @@ def test_a_late_record_of_a_lost_run_leaves_the_new_runs_execution_to_rq(redis: 
     tasks = [Running.claimed(started) for started in lost.started]
     assert late.record(tasks, [Outcome(output="late")], None) == [None]
     assert [e.id for e in job.get_executions()] == [running.execution_id]
+    started = StartedJobRegistry(constants.queue_name(function), connection=redis)
+    assert (task_id, running.execution_id) in started.get_job_and_execution_ids()
+    # The new run keeps its lease: were that worker to die, its task would still be reaped.
+    assert redis.zscore(constants.leases_key(function), task_id) is not None
 
-    assert Recorder(redis, function, "new-worker").record([running], [Outcome(output=1)], None)
+    outcome = Outcome(output=1)
+    assert Recorder(redis, function, "new-worker").record([running], [outcome], None) == [outcome]
     assert job.get_executions() == []
     assert job.get_status(refresh=True) == "finished"
+    assert redis.zscore(constants.leases_key(function), task_id) is None
 
 
 def _queue(redis: Redis, function: str, count: int) -> None:
