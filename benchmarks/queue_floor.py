@@ -3,11 +3,12 @@
 Each request's input goes onto one Redis list (RPUSH [id, reply channel, input]) and comes back
 on the gateway's pub/sub channel; a worker process BLPOPs the list, takes up to a batch more
 with LPOP, and PUBLISHes each answer. That is all: no task record, no leases or caps, no
-scripts, no metrics or logs. So what this adds over bare FastAPI is what a Redis queue and a
-separate worker process cost between HTTP and the model on this machine, written the plain way
-with redis-py (two more processes woken, four more loopback hops, three round trips for the
-worker as runq's has), and what runq adds over this is what its guarantees and RQ's layout
-cost. benchmarks/run.py prints both.
+scripts, no metrics or logs. So what this adds over bare FastAPI is what a plain Redis-list
+queue and a separate worker process cost between HTTP and the model on this machine, written
+with redis-py (two more processes woken; at c=1 six more one-way loopback hops, and three
+round trips for the worker as runq's has), and what runq adds over this is what its guarantees
+and RQ's layout cost. It does not batch its admissions, so under load its tail is long.
+benchmarks/run.py prints both.
 
 Served as bare_echo.py is (uvicorn, one process, the same settings), on runq's embedded Valkey.
 
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager, suppress
 from typing import Any
 
 import redis
@@ -106,17 +107,15 @@ def main() -> None:
     # uvicorn raises the signal that stopped it again once it has: as an exception here, so that
     # the worker and Valkey are stopped too.
     stop_on_sigterm()
-    valkey = EmbeddedValkey()
-    valkey.start()
-    worker = subprocess.Popen([sys.executable, __file__, "worker", valkey.url])
-    try:
-        serve(build_app(valkey.url), args.port)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        worker.terminate()
-        worker.wait()
-        valkey.stop()
+    with ExitStack() as stack:
+        valkey = EmbeddedValkey()
+        stack.callback(valkey.stop)
+        valkey.start()
+        worker = subprocess.Popen([sys.executable, __file__, "worker", valkey.url])
+        stack.callback(worker.wait)
+        stack.callback(worker.terminate)
+        with suppress(KeyboardInterrupt):
+            serve(build_app(valkey.url), args.port)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
    rates, the CPU each process role spent per request (gateway, worker, Redis; from /proc, see
    benchmarks/cost.py) and the Redis commands per request. Beside them, the floor: bare's app
    with a plain Redis list and worker process between it and its answer
-   (benchmarks/queue_floor.py), what any queue costs here before runq's guarantees.
+   (benchmarks/queue_floor.py), what a plain queue costs here before runq's guarantees.
 2. Embedding: all-MiniLM-L6-v2 called directly at batch 32 versus runq's embed predict at
    concurrency 64 (one sentence per request), with the same per-request costs. Shows how much
    of the model's rate survives serving.
@@ -369,7 +369,7 @@ def print_echo(results: list[LoadResult], ratios: list[dict[str, Any]], duration
     print("  bare ran before and after runq: the ratios below take the mean of its two runs")
     print(
         "  floor: bare's app with a Redis list and a worker process between it and its answer"
-        " (benchmarks/queue_floor.py), the least any queue costs here"
+        " (benchmarks/queue_floor.py): what a plain Redis-list queue costs here"
     )
     print(
         f"\n{'conc':>4}  {'runq/bare req/s':>15}  {'added p50 ms':>12}"
