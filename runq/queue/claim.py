@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis import Redis
 from rq.job import JobStatus
 from rq.utils import now, utcformat
 from rq.worker import WorkerStatus
@@ -320,9 +319,9 @@ class Claimed:
 class Claim:
     """Claims batches of one function's tasks for one worker."""
 
-    def __init__(self, connection: Redis, function: str, worker_name: str) -> None:
-        self._line = Line(connection)
-        self._script = self._line.script(CLAIM)
+    def __init__(self, line: Line, function: str, worker_name: str) -> None:
+        self._line = line
+        self._script = line.script(CLAIM)
         self._worker_name = worker_name
         self._keys = [
             *constants.queue_keys(function),

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from redis import Redis
 from rq.job import JobStatus
 from rq.results import Result
 from rq.utils import now, utcformat
@@ -261,8 +260,8 @@ class Running:
 class Recorder:
     """Writes one worker's batches, one script call each."""
 
-    def __init__(self, connection: Redis, function: str, worker_name: str) -> None:
-        self._script = Line(connection).script(RECORD)
+    def __init__(self, line: Line, function: str, worker_name: str) -> None:
+        self._script = line.script(RECORD)
         self._function = function
         self._worker_name = worker_name
         self._keys = [

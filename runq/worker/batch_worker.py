@@ -37,6 +37,7 @@ from runq.queue import constants, storage
 from runq.queue.chunks import ChunkWriter
 from runq.queue.claim import Claimed
 from runq.queue.deployed import LiveSettings
+from runq.queue.line import Line
 from runq.queue.maintenance import Maintenance
 from runq.queue.outage import Outage
 from runq.queue.reaper import Reaper
@@ -97,8 +98,10 @@ class BatchWorker(SimpleWorker):
         self.function = function
         self.settings = settings
         self.runner = ModelRunner(function)
-        self.collector = BatchCollector(connection, function, settings, self.name)
-        self.recorder = Recorder(connection, function.name, self.name)
+        # The wait for work, the claim and the record: the worker's one held connection.
+        line = Line(connection)
+        self.collector = BatchCollector(line, function, settings, self.name)
+        self.recorder = Recorder(line, function.name, self.name)
         # Used only by functions that stream or report progress.
         self.chunks = ChunkWriter(connection, self.name)
         self.leases = LeaseKeeper(connection, function.name, self.name, heartbeat_ttl_s)

@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import time
 
-from redis import Redis
 from redis.exceptions import ConnectionError, TimeoutError
 
 from runq.functions import Function
 from runq.queue import constants
 from runq.queue.claim import Claim, Claimed
+from runq.queue.line import Line
 from runq.settings import FunctionSettings
 
 
 class BatchCollector:
     def __init__(
-        self, connection: Redis, function: Function, settings: FunctionSettings, worker_name: str
+        self, line: Line, function: Function, settings: FunctionSettings, worker_name: str
     ) -> None:
         self.settings = settings
         self.batched = function.batch
-        self._claim = Claim(connection, function.name, worker_name)
+        self._claim = Claim(line, function.name, worker_name)
         self._last_batch_size = 0
         # The last claim took less than it asked for and had slots: the queue was empty then,
         # and only a new task's wake token can bring work. The next look waits for one first

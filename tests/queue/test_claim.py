@@ -9,6 +9,7 @@ import pytest
 from redis import Redis
 
 from runq.queue.claim import Claim
+from runq.queue.line import Line
 from tests.helpers import clear_function, queued
 
 
@@ -26,7 +27,7 @@ def test_a_claim_sent_again_answers_what_it_took_and_takes_nothing_more(
     ids = [
         client.post("/v1/functions/parked/tasks", json={"input": i}).json()["id"] for i in range(3)
     ]
-    claim = Claim(redis, "parked", "claim-test-worker")
+    claim = Claim(Line(redis), "parked", "claim-test-worker")
     # As after a claim whose reply a dropped connection lost: the same claim goes again.
     claim._unanswered = "lost-reply"
     first = claim(2, None)

@@ -23,6 +23,7 @@ from runq.queue.claim import Claim
 from runq.queue.connection import async_redis
 from runq.queue.delete import Delete
 from runq.queue.enqueue import Enqueue, Enqueued, Quota, Reply, Request
+from runq.queue.line import Line
 from runq.queue.storage import FileStore
 from runq.queue.store import Admission, TaskStore
 from runq.queue.tasks import deadline_passed_error, new_job_fields
@@ -200,7 +201,7 @@ def test_a_quotas_count_falls_as_its_tasks_leave_the_queue_however_they_leave(
         ]
         return more
 
-    claim = Claim(redis, FUNCTION, "quota-test-worker")
+    claim = Claim(Line(redis), FUNCTION, "quota-test-worker")
     # Expired in the queue: the claim ends it, never starts it.
     wait_until(lambda: redis.time()[0] + redis.time()[1] / 1e6 > _deadline(redis, expiring), 2)
     assert claim(1, None).expired == [expiring.task_id]

@@ -20,6 +20,7 @@ from runq.queue.connection import async_redis
 from runq.queue.delete import Delete
 from runq.queue.enqueue import Enqueue, Reply, Request
 from runq.queue.figures import Figures
+from runq.queue.line import Line
 from runq.queue.maintenance import Maintenance
 from runq.queue.reaper import Reaper
 from runq.queue.store import new_task_id
@@ -45,7 +46,7 @@ def test_a_tenants_few_tasks_are_served_within_a_batch_of_another_tenants_flood(
 ) -> None:
     redis, url = own_db
     flood = submit_tasks(url, FUNCTION, 1000, SETTINGS, tenant=flooding)
-    claim = Claim(redis, FUNCTION, "fair-worker")
+    claim = Claim(Line(redis), FUNCTION, "fair-worker")
     # Alone, the flooding tenant's tasks are taken in order, a batch at a time.
     first = [task for _ in range(3) for task in taken(claim)]
     assert first == flood[: 3 * BATCH]
@@ -62,7 +63,7 @@ def test_weights_shift_each_tenants_share_of_the_claims(own_db: tuple[Redis, str
     heavy = set(submit_tasks(url, FUNCTION, 400, SETTINGS, tenant="heavy"))
     submit_tasks(url, FUNCTION, 400, SETTINGS, tenant="light")
     set_weight(redis, "heavy", 3)
-    claim = Claim(redis, FUNCTION, "fair-worker")
+    claim = Claim(Line(redis), FUNCTION, "fair-worker")
     batches = [taken(claim) for _ in range(5)]
     assert 29 <= sum(task in heavy for batch in batches for task in batch) <= 31
     # From the next claim on, on every worker.
@@ -77,7 +78,7 @@ def test_priorities_hold_within_each_tenant(own_db: tuple[Redis, str]) -> None:
     normal = submit_tasks(url, FUNCTION, 5, SETTINGS, tenant="a")
     high = submit_tasks(url, FUNCTION, 5, SETTINGS, tenant="a", priority="high")
     other = submit_tasks(url, FUNCTION, 15, SETTINGS, tenant="b", priority="high")
-    claim = Claim(redis, FUNCTION, "fair-worker")
+    claim = Claim(Line(redis), FUNCTION, "fair-worker")
     batches = [taken(claim, 10) for _ in range(3)]
     mine = [task for batch in batches for task in batch if task not in other]
     assert mine == high + normal + low
@@ -116,7 +117,7 @@ def test_the_cap_figures_cancel_and_delete_count_every_tenants_tasks(
     assert asyncio.run(admit_and_withdraw()) == (Reply.FULL, "queued", True)
     assert not redis.llen(constants.queue_key(constants.queue_name(FUNCTION, tenant="b")))
     assert Figures(redis).read(FUNCTION).queued == 3
-    claim = Claim(redis, FUNCTION, "fair-worker")
+    claim = Claim(Line(redis), FUNCTION, "fair-worker")
     assert taken(claim) == mine
     assert not redis.exists(constants.wake_key(FUNCTION))
 
@@ -126,7 +127,7 @@ def test_a_lost_workers_tenant_task_goes_back_to_its_tenants_queue(
 ) -> None:
     redis, url = own_db
     (task,) = submit_tasks(url, FUNCTION, 1, SETTINGS, tenant="b")
-    claim = Claim(redis, FUNCTION, "fair-worker")
+    claim = Claim(Line(redis), FUNCTION, "fair-worker")
     assert taken(claim) == [task]
     assert not redis.smembers(constants.tenants_key(FUNCTION))
     # The worker died: its lease lapses.
@@ -150,7 +151,7 @@ def test_a_tenants_queue_refilled_behind_runqs_back_is_claimed_after_maintenance
         check=True,
     ).stdout
     assert f"queue {queue} 1" in shown, shown
-    claim = Claim(redis, FUNCTION, "fair-worker")
+    claim = Claim(Line(redis), FUNCTION, "fair-worker")
     assert taken(claim) == [task]
     # As `rq requeue` does: the job queued again on its origin, the tenants set left alone.
     redis.hset(constants.job_key(task), constants.STATUS_FIELD, "queued")

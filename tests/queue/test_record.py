@@ -11,6 +11,7 @@ from rq.serializers import JSONSerializer
 from runq.queue import constants
 from runq.queue.claim import Claim
 from runq.queue.enqueue import ENQUEUE, Enqueue, Request
+from runq.queue.line import Line
 from runq.queue.reaper import Reaper
 from runq.queue.record import Recorder, Running
 from runq.queue.tasks import Outcome, new_job_fields
@@ -26,11 +27,11 @@ def test_a_batch_too_big_for_one_variadic_call_is_recorded_whole(redis: Redis) -
     function, worker = "bigbatch", "record-test-worker"
     clear_function(redis, function)
     _queue(redis, function, BIG_BATCH)
-    claimed = Claim(redis, function, worker)(BIG_BATCH, None)
+    claimed = Claim(Line(redis), function, worker)(BIG_BATCH, None)
     tasks = [Running.claimed(started) for started in claimed.started]
     assert len(tasks) == BIG_BATCH
     outcomes = [Outcome(output=i) for i in range(BIG_BATCH)]
-    written = Recorder(redis, function, worker).record(tasks, outcomes, max_concurrency=4)
+    written = Recorder(Line(redis), function, worker).record(tasks, outcomes, max_concurrency=4)
     assert written == outcomes
     queue = constants.queue_name(function)
     assert FinishedJobRegistry(queue, connection=redis).count == BIG_BATCH
@@ -49,16 +50,16 @@ def test_a_late_record_of_a_lost_run_leaves_the_new_run_its_lease_and_execution(
     function = "relet"
     clear_function(redis, function)
     _queue(redis, function, 1)
-    lost = Claim(redis, function, "lost-worker")(1, None)
+    lost = Claim(Line(redis), function, "lost-worker")(1, None)
     # Its lease lapses (the worker stopped answering) and the task goes to another worker.
     (task_id,) = [started.task_id for started in lost.started]
     redis.zadd(constants.leases_key(function), {task_id: 0})
     assert Reaper(redis, function, retries=1).reap() == ([task_id], [])
-    again = Claim(redis, function, "new-worker")(1, None)
+    again = Claim(Line(redis), function, "new-worker")(1, None)
     (running,) = [Running.claimed(started) for started in again.started]
     job = Job.fetch(task_id, connection=redis, serializer=JSONSerializer)
 
-    late = Recorder(redis, function, "lost-worker")
+    late = Recorder(Line(redis), function, "lost-worker")
     tasks = [Running.claimed(started) for started in lost.started]
     assert late.record(tasks, [Outcome(output="late")], None) == [None]
     assert [e.id for e in job.get_executions()] == [running.execution_id]
@@ -68,7 +69,9 @@ def test_a_late_record_of_a_lost_run_leaves_the_new_run_its_lease_and_execution(
     assert redis.zscore(constants.leases_key(function), task_id) is not None
 
     outcome = Outcome(output=1)
-    assert Recorder(redis, function, "new-worker").record([running], [outcome], None) == [outcome]
+    assert Recorder(Line(redis), function, "new-worker").record([running], [outcome], None) == [
+        outcome
+    ]
     assert job.get_executions() == []
     assert job.get_status(refresh=True) == "finished"
     assert redis.zscore(constants.leases_key(function), task_id) is None
