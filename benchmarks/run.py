@@ -271,8 +271,8 @@ def bench_bare_echo(tmp: Path, bodies: Path, duration_s: float) -> list[LoadResu
 
 
 def bench_floor_echo(tmp: Path, bodies: Path, duration_s: float) -> list[LoadResult]:
-    """bare_echo.py's app with a Redis list and a worker process between it and its answer: the
-    least a queue costs here (benchmarks/queue_floor.py)."""
+    """bare_echo.py's app with a Redis list and a worker process between it and its answer:
+    what a plain Redis-list queue costs here (benchmarks/queue_floor.py)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/echo"
     argv = [sys.executable, str(HERE / "queue_floor.py"), "gateway", "--port", str(port)]
